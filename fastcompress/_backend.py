@@ -1,0 +1,114 @@
+"""Backend selection.
+
+``FASTCOMPRESS_BACKEND`` (or the ``backend=`` argument) forces one backend; a forced
+backend that cannot run for the given tensors is an error, never a silent fallback.
+``auto`` picks the fastest backend that has been verified for the tensor's device.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+# Backends that have passed a parity run on a real GPU (see benchmarks/NOTES.md).
+# Nothing built here has run on a GPU yet, so ``auto`` on CUDA tensors stays on the
+# reference until such a run is recorded.
+GPU_VERIFIED: tuple[str, ...] = ()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the requested op on the given tensors."""
+
+
+def requested_backend(backend: str | None) -> str:
+    name = backend or os.environ.get("FASTCOMPRESS_BACKEND") or "auto"
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(
+            f"backend (or FASTCOMPRESS_BACKEND) must be one of {BACKENDS}, got {name!r}"
+        )
+    return name
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cpu_extension_available() -> bool:
+    from fastcompress import _ext
+
+    return _ext.load_cpu_extension(raise_on_error=False)
+
+
+def cuda_extension_available() -> bool:
+    from fastcompress import _ext
+
+    return _ext.load_cuda_extension(raise_on_error=False)
+
+
+def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
+    """Whether ``name`` can run on tensors of ``device``, and why not."""
+    if name == "reference":
+        return True, ""
+    if name == "cpu":
+        if device.type != "cpu":
+            return False, f"the 'cpu' backend takes CPU tensors, got device {device}"
+        if not cpu_extension_available():
+            from fastcompress import _ext
+
+            return False, f"the C++ CPU extension could not be built or loaded: {_ext.cpu_error()}"
+        return True, ""
+    if name == "triton":
+        if not triton_available():
+            return False, "triton is not installed"
+        if device.type == "cuda":
+            return True, ""
+        if device.type == "cpu" and triton_interpreted():
+            return True, ""
+        return False, (
+            f"the 'triton' backend takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+            f"got device {device}"
+        )
+    if name == "cuda":
+        if device.type != "cuda":
+            return False, f"the 'cuda' backend takes CUDA tensors, got device {device}"
+        if not cuda_extension_available():
+            return False, "the CUDA extension is not built (it needs a torch with CUDA at build time)"
+        return True, ""
+    return False, f"unknown backend {name!r}"
+
+
+def select_backend(device: torch.device, backend: str | None = None, *, op: str) -> str:
+    """Resolve ``auto`` and check a forced backend; raise if it cannot run."""
+    name = requested_backend(backend)
+    if name != "auto":
+        ok, why = backend_available(name, device)
+        if not ok:
+            raise BackendUnavailableError(f"{op}: backend {name!r} was forced but {why}")
+        return name
+    if device.type == "cpu":
+        return "cpu" if backend_available("cpu", device)[0] else "reference"
+    if device.type == "cuda":
+        for candidate in ("cuda", "triton"):
+            if candidate in GPU_VERIFIED and backend_available(candidate, device)[0]:
+                return candidate
+    return "reference"
+
+
+def available_backends(device: torch.device) -> dict[str, str]:
+    """Map every backend to ``"yes"`` or the reason it is unavailable on ``device``."""
+    out = {}
+    for name in BACKENDS[1:]:
+        ok, why = backend_available(name, device)
+        out[name] = "yes" if ok else why
+    return out

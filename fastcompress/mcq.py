@@ -1,0 +1,429 @@
+"""Multi-codebook quantization (UniTok ``VectorQuantizerM``, MGVQ): ops and public API.
+
+Canonical op layout: ``z (N, C)`` with ``C = G * d``, ``codebooks (G, K, d)``. The
+public functions accept channel-last ``(..., C)`` or channel-first ``(B, C, H, W)``
+input and reshape to it. Ops are ``torch.library`` custom ops in the ``fastcompress``
+namespace (fake implementations for ``torch.compile``, autograd registered), and each
+dispatches to a backend: ``reference`` (torch), ``cpu`` (C++), ``triton``, ``cuda``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastcompress._backend import select_backend
+from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
+from fastcompress.reference.mcq import mcq_quantize_reference, mcq_search_reference
+
+_LANES = 16  # the CPU kernel scans codes 16 at a time; books are padded to a multiple
+_ENTROPY_CHUNK_ELEMENTS = 1 << 22  # rows x K per chunk of the entropy passes (16 MiB)
+
+
+class MCQOutput(NamedTuple):
+    """Result of :func:`mcq_quantize`.
+
+    z_q : straight-through output, same shape and dtype as ``z``.
+    indices : ``(..., G)`` int64, the chosen code of each chunk.
+    vq_loss : ``()`` float32, mean over codebooks of ``beta*|sg(q)-z|^2 + |q-sg(z)|^2``.
+    entropy_loss : ``()`` float32 when ``entropy_temp`` is given, else ``None``.
+    usage_counts : ``(G, K)`` int64, how often each code was chosen in this call.
+    """
+
+    z_q: Tensor
+    indices: Tensor
+    vq_loss: Tensor
+    entropy_loss: Tensor | None
+    usage_counts: Tensor
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def prepare_codebooks(codebooks: Tensor, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Code rows in float32 (unit rows for cosine), their transpose padded to a multiple of
+    16 codes, and the per-code bias (0 for cosine, ``-|c|^2/2`` for L2, ``-inf`` on pads)."""
+    book = codebooks.float()
+    if normalize:
+        book = F.normalize(book, dim=-1)
+    book = book.contiguous()
+    groups, vocab, dim = book.shape
+    padded = -(-vocab // _LANES) * _LANES
+    book_t = book.new_zeros(groups, dim, padded)
+    book_t[:, :, :vocab] = book.transpose(1, 2)
+    bias = book.new_full((groups, padded), float("-inf"))
+    bias[:, :vocab] = 0.0 if normalize else -0.5 * book.square().sum(-1)
+    return book, book_t, bias
+
+
+def _normalize_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
+    # y = x / max(|x|, eps): dx = (g - y (y.g)) / |x| where the clamp is inactive, g / eps
+    # where it is active (torch passes the norm's gradient through at |x| == eps too).
+    active = norm >= 1e-12
+    denom = norm.clamp_min(1e-12)
+    through = (grad - unit * (unit * grad).sum(-1, keepdim=True)) / denom
+    return torch.where(active, through, grad / denom)
+
+
+def _split_norm(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
+    if not normalize:
+        return x, None
+    norm = x.norm(dim=-1, keepdim=True)
+    return x / norm.clamp_min(1e-12), norm
+
+
+# ------------------------------------------------------------------------ forward impls
+
+
+def _forward(z: Tensor, codebooks: Tensor, beta: float, normalize: bool, full: bool,
+             backend: str, op: str):
+    """(indices, z_q, counts, vq_loss) on the selected backend; z_q etc. only when full."""
+    check_finite("z", z)
+    check_finite("codebooks", codebooks)
+    name = select_backend(z.device, backend, op=op)
+    groups, vocab, dim = codebooks.shape
+    n = z.shape[0]
+    if name == "reference":
+        if not full:
+            return mcq_search_reference(z, codebooks, normalize), None, None, None
+        with torch.no_grad():
+            z_q, idx, loss, counts = mcq_quantize_reference(z, codebooks, beta, normalize)
+        return idx, z_q, counts, loss
+    book, book_t, bias = prepare_codebooks(codebooks, normalize)
+    if name == "cpu":
+        idx, z_q, counts, sq_err = torch.ops.fastcompress_cpu.mcq_forward(
+            z, book, book_t, bias, normalize, full)
+    elif name == "triton":
+        from fastcompress.triton_kernels.mcq import mcq_forward_triton
+
+        idx, z_q, counts, sq_err = mcq_forward_triton(z, book, bias, normalize, full)
+    else:  # cuda: search kernel, the rest composed in torch
+        idx = torch.ops.fastcompress_cuda.mcq_search(z, book, bias, normalize)
+        if not full:
+            return idx, None, None, None
+        z_q, counts, sq_err = _finish_from_indices(z, book, idx, normalize)
+    if not full:
+        return idx, None, None, None
+    scale = (1.0 + beta) / (max(n, 1) * dim * groups)
+    loss = (sq_err.double().sum() * scale).float()
+    return idx, z_q, counts, loss
+
+
+def _finish_from_indices(z: Tensor, book: Tensor, idx: Tensor, normalize: bool):
+    groups, vocab, dim = book.shape
+    chunks, _ = _split_norm(z.float().view(-1, groups, dim), normalize)
+    q = book[torch.arange(groups, device=z.device), idx]
+    z_q = ((q - chunks) + chunks).reshape(z.shape).to(z.dtype)
+    counts = torch.stack([torch.bincount(idx[:, g], minlength=vocab) for g in range(groups)])
+    return z_q, counts, (q - chunks).double().square().sum((0, 2))
+
+
+# ---------------------------------------------------------------------------- the ops
+
+
+@torch.library.custom_op("fastcompress::mcq_search", mutates_args=())
+def _mcq_search_op(z: Tensor, codebooks: Tensor, normalize: bool, backend: str) -> Tensor:
+    return _forward(z, codebooks, 0.0, normalize, False, backend, "mcq_search")[0]
+
+
+@_mcq_search_op.register_fake
+def _(z, codebooks, normalize, backend):
+    return z.new_empty((z.shape[0], codebooks.shape[0]), dtype=torch.long)
+
+
+@torch.library.custom_op("fastcompress::mcq_quantize", mutates_args=())
+def _mcq_quantize_op(z: Tensor, codebooks: Tensor, beta: float, normalize: bool,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    idx, z_q, counts, loss = _forward(z, codebooks, beta, normalize, True, backend,
+                                      "mcq_quantize")
+    return z_q, idx, loss, counts
+
+
+@_mcq_quantize_op.register_fake
+def _(z, codebooks, beta, normalize, backend):
+    groups, vocab, _ = codebooks.shape
+    return (torch.empty_like(z), z.new_empty((z.shape[0], groups), dtype=torch.long),
+            z.new_empty((), dtype=torch.float32), z.new_empty((groups, vocab), dtype=torch.long))
+
+
+def _quantize_setup_context(ctx, inputs, output):
+    z, codebooks, beta, normalize, backend = inputs
+    ctx.save_for_backward(z, codebooks, output[1])
+    ctx.beta, ctx.normalize, ctx.backend = beta, normalize, backend
+    ctx.mark_non_differentiable(output[1], output[3])
+
+
+def _quantize_backward(ctx, grad_z_q, _grad_idx, grad_loss, _grad_counts):
+    z, codebooks, idx = ctx.saved_tensors
+    if grad_z_q is None:
+        grad_z_q = torch.zeros_like(z)
+    if grad_loss is None:
+        grad_loss = torch.zeros((), device=z.device)
+    name = select_backend(z.device, ctx.backend, op="mcq_quantize backward")
+    if name == "triton":
+        from fastcompress.triton_kernels.mcq import mcq_backward_triton
+
+        grad_z, grad_book = mcq_backward_triton(
+            grad_z_q, grad_loss, z, codebooks, idx, ctx.beta, ctx.normalize)
+    else:
+        grad_z, grad_book = mcq_backward_torch(
+            grad_z_q, grad_loss, z, codebooks, idx, ctx.beta, ctx.normalize)
+    return grad_z, grad_book, None, None, None
+
+
+def mcq_backward_torch(grad_z_q: Tensor, grad_loss: Tensor, z: Tensor, codebooks: Tensor,
+                       idx: Tensor, beta: float, normalize: bool) -> tuple[Tensor, Tensor]:
+    """Analytic gradients of ``mcq_quantize`` with O(N*C + G*K*d) memory (no N x K)."""
+    groups, vocab, dim = codebooks.shape
+    n = z.shape[0]
+    chunks, z_norm = _split_norm(z.float().view(n, groups, dim), normalize)
+    book, c_norm = _split_norm(codebooks.float(), normalize)
+    q = book[torch.arange(groups, device=z.device), idx]  # (N, G, d)
+    scale = grad_loss.float() * (2.0 / (max(n, 1) * dim * groups))
+    # Straight-through: d z_q / d z_n = I; the commitment term pulls z_n towards q.
+    grad_chunks = grad_z_q.float().view(n, groups, dim) + (beta * scale) * (chunks - q)
+    # Codebook term: (q - sg(z_n)) scattered into the chosen rows.
+    flat = (idx + torch.arange(groups, device=z.device) * vocab).reshape(-1)
+    grad_rows = book.new_zeros(groups * vocab, dim)
+    grad_rows.index_add_(0, flat, (scale * (q - chunks)).reshape(-1, dim))
+    grad_rows = grad_rows.view(groups, vocab, dim)
+    if normalize:
+        grad_chunks = _normalize_backward(grad_chunks, chunks, z_norm)
+        grad_rows = _normalize_backward(grad_rows, book, c_norm)
+    return grad_chunks.reshape(z.shape).to(z.dtype), grad_rows.to(codebooks.dtype)
+
+
+_mcq_quantize_op.register_autograd(_quantize_backward, setup_context=_quantize_setup_context)
+
+
+# ------------------------------------------------------------------ fused entropy loss
+
+
+def _entropy_chunks(n: int, vocab: int) -> int:
+    return max(1, min(n, _ENTROPY_CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def _entropy_logits(chunk: Tensor, book: Tensor, inv_temp: float) -> Tensor:
+    dist = chunk.square().sum(1, keepdim=True) + book.square().sum(1)
+    return torch.addmm(dist, chunk, book.T, alpha=-2, beta=1).mul_(-inv_temp)
+
+
+@torch.library.custom_op("fastcompress::mcq_entropy_loss", mutates_args=())
+def _mcq_entropy_op(chunks: Tensor, book: Tensor, inv_temp: float) -> tuple[Tensor, Tensor]:
+    """``chunks (N, G, d)`` and ``book (G, K, d)`` float32 -> (loss (), mean prob (G, K)).
+
+    Row tiles of ``_ENTROPY_CHUNK_ELEMENTS / K`` rows: the N x K matrix never exists.
+    """
+    n, groups, _ = chunks.shape
+    vocab = book.shape[1]
+    avg = chunks.new_zeros(groups, vocab)
+    per_sample = chunks.new_zeros(groups, dtype=torch.float64)
+    step = _entropy_chunks(n, vocab)
+    for g in range(groups):
+        for r0 in range(0, n, step):
+            logits = _entropy_logits(chunks[r0:r0 + step, g], book[g], inv_temp)
+            log_p = logits.log_softmax(-1)
+            p = log_p.exp()
+            per_sample[g] += (-(p * log_p).sum(-1)).double().sum()
+            avg[g] += p.sum(0)
+    avg /= max(n, 1)
+    codebook_entropy = (-avg * torch.log(avg + 1e-7)).sum(-1)
+    loss = (per_sample / max(n, 1)).float() - codebook_entropy
+    return loss.mean(), avg
+
+
+@_mcq_entropy_op.register_fake
+def _(chunks, book, inv_temp):
+    return chunks.new_empty(()), chunks.new_empty((book.shape[0], book.shape[1]))
+
+
+def _entropy_setup_context(ctx, inputs, output):
+    chunks, book, inv_temp = inputs
+    ctx.save_for_backward(chunks, book, output[1])
+    ctx.inv_temp = inv_temp
+    ctx.mark_non_differentiable(output[1])
+
+
+def _entropy_backward(ctx, grad_loss, _grad_avg):
+    chunks, book, avg = ctx.saved_tensors
+    n, groups, _ = chunks.shape
+    vocab = book.shape[1]
+    # d(codebook entropy)/d(avg_k); the batch-mean term couples rows only through it.
+    w = -torch.log(avg + 1e-7) - avg / (avg + 1e-7)
+    coef = grad_loss / (max(n, 1) * groups)
+    grad_chunks = torch.zeros_like(chunks)
+    grad_book = torch.zeros_like(book)
+    step = _entropy_chunks(n, vocab)
+    two_inv_temp = 2.0 * ctx.inv_temp
+    for g in range(groups):
+        for r0 in range(0, n, step):
+            chunk = chunks[r0:r0 + step, g]
+            log_p = _entropy_logits(chunk, book[g], ctx.inv_temp).log_softmax(-1)
+            p = log_p.exp()
+            entropy = -(p * log_p).sum(-1, keepdim=True)
+            mixed = (p * w[g]).sum(-1, keepdim=True)
+            grad_logits = -coef * p * ((log_p + entropy) + (w[g] - mixed))
+            row_sum = grad_logits.sum(-1, keepdim=True)
+            grad_chunks[r0:r0 + step, g] = two_inv_temp * (grad_logits @ book[g] - chunk * row_sum)
+            grad_book[g] += two_inv_temp * (grad_logits.T @ chunk - book[g] * grad_logits.sum(0)[:, None])
+    return grad_chunks, grad_book, None
+
+
+_mcq_entropy_op.register_autograd(_entropy_backward, setup_context=_entropy_setup_context)
+
+
+# ------------------------------------------------------------------------- public API
+
+
+def _as_codebooks(codebooks: Tensor | Sequence[Tensor]) -> Tensor:
+    if isinstance(codebooks, (list, tuple)):
+        if not codebooks:
+            raise ValueError("codebooks must not be an empty sequence")
+        for i, book in enumerate(codebooks):
+            check_tensor(f"codebooks[{i}]", book, ndim=2, dtypes=FLOAT_DTYPES)
+        return torch.stack(list(codebooks))
+    return check_tensor("codebooks", codebooks, ndim=3, dtypes=FLOAT_DTYPES)
+
+
+def _rows(z: Tensor, books: Tensor, channel_dim: int) -> tuple[Tensor, int]:
+    """Validate and move channels last: returns ``(N, C)`` rows and the channel dim."""
+    check_tensor("z", z, dtypes=FLOAT_DTYPES)
+    check_same("codebooks", books, "z", z)
+    if z.dim() < 2:
+        raise ValueError(f"z must have at least 2 dimensions (..., C), got shape {tuple(z.shape)}")
+    if not -z.dim() <= channel_dim < z.dim():
+        raise ValueError(f"channel_dim={channel_dim} is out of range for z of shape {tuple(z.shape)}")
+    channel_dim %= z.dim()
+    groups, vocab, dim = books.shape
+    channels = z.shape[channel_dim]
+    if vocab == 0 or dim == 0:
+        raise ValueError(f"codebooks must be (G, K, d) with K, d > 0, got {tuple(books.shape)}")
+    if channels != groups * dim:
+        hint = f"; C={channels} is not divisible by G={groups}" if channels % groups else ""
+        raise ValueError(
+            f"z has C={channels} channels on channel_dim={channel_dim}, but codebooks "
+            f"{tuple(books.shape)} (G, K, d) expect C = G*d = {groups * dim}{hint}")
+    moved = z.movedim(channel_dim, -1)
+    return moved.reshape(-1, channels).contiguous(), channel_dim
+
+
+def _restore(rows: Tensor, like: Tensor, channel_dim: int) -> Tensor:
+    shape = list(like.movedim(channel_dim, -1).shape)
+    return rows.reshape(shape).movedim(-1, channel_dim)
+
+
+def _index_shape(z: Tensor, channel_dim: int, groups: int) -> list[int]:
+    return [s for i, s in enumerate(z.shape) if i != channel_dim] + [groups]
+
+
+def mcq_quantize(
+    z: Tensor,
+    codebooks: Tensor | Sequence[Tensor],
+    *,
+    beta: float = 0.25,
+    normalize: bool = True,
+    entropy_temp: float | None = None,
+    channel_dim: int = -1,
+    backend: str | None = None,
+) -> MCQOutput:
+    """Multi-codebook quantization with a straight-through estimator.
+
+    Parameters
+    ----------
+    z : Tensor
+        ``(..., C)`` channel-last (UniTok ``(B, L, C)``) or, with ``channel_dim=1``,
+        channel-first ``(B, C, H, W)`` (MGVQ). float32, bfloat16 or float16; all math
+        runs in float32. Chunk ``g`` is channels ``g*d:(g+1)*d``.
+    codebooks : Tensor or sequence of Tensor
+        ``(G, K, d)`` (or G tensors ``(K, d)``), same dtype and device as ``z``. For an
+        MGVQ embedding of ``n_e`` rows pass ``weight.view(G, n_e // G, d)``.
+    beta : float
+        Commitment weight (UniTok / MGVQ: 0.25).
+    normalize : bool
+        True: cosine (chunks and code rows L2-normalised, argmax of the dot product,
+        the output is the unit code row). False: plain L2 nearest neighbour.
+    entropy_temp : float, optional
+        If given, also return UniTok's entropy loss at this temperature (0.01 there).
+    channel_dim : int
+        Dimension of ``z`` holding the C channels.
+    backend : str, optional
+        ``auto`` (default, or ``FASTCOMPRESS_BACKEND``), ``reference``, ``cpu``,
+        ``triton``, ``cuda``.
+
+    Returns
+    -------
+    MCQOutput
+        ``z_q`` like ``z``; ``indices`` ``(..., G)`` int64 (the non-channel dims of ``z``,
+        then G); ``vq_loss`` ``()``; ``entropy_loss`` ``()`` or None; ``usage_counts``
+        ``(G, K)`` int64.
+    """
+    books = _as_codebooks(codebooks)
+    rows, channel_dim = _rows(z, books, channel_dim)
+    groups, vocab, dim = books.shape
+    z_q, idx, vq_loss, counts = _mcq_quantize_op(rows, books, float(beta), bool(normalize),
+                                                 backend or "")
+    entropy = None
+    if entropy_temp is not None:
+        if entropy_temp <= 0:
+            raise ValueError(f"entropy_temp must be > 0, got {entropy_temp}")
+        chunks, _ = _split_norm(rows.float().view(-1, groups, dim), normalize)
+        book, _ = _split_norm(books.float(), normalize)
+        entropy = _mcq_entropy_op(chunks, book, 1.0 / entropy_temp)[0]
+    return MCQOutput(
+        _restore(z_q, z, channel_dim),
+        idx.reshape(_index_shape(z, channel_dim, groups)),
+        vq_loss,
+        entropy,
+        counts,
+    )
+
+
+def mcq_search(
+    z: Tensor,
+    codebooks: Tensor | Sequence[Tensor],
+    *,
+    normalize: bool = True,
+    channel_dim: int = -1,
+    backend: str | None = None,
+) -> Tensor:
+    """Nearest code per chunk, no autograd. Shapes as in :func:`mcq_quantize`;
+    returns ``(..., G)`` int64."""
+    books = _as_codebooks(codebooks)
+    rows, channel_dim = _rows(z, books, channel_dim)
+    idx = _mcq_search_op(rows.detach(), books.detach(), bool(normalize), backend or "")
+    return idx.reshape(_index_shape(z, channel_dim, books.shape[0]))
+
+
+def mcq_dequantize(
+    indices: Tensor,
+    codebooks: Tensor | Sequence[Tensor],
+    *,
+    normalize: bool = True,
+    channel_dim: int = -1,
+) -> Tensor:
+    """Indices ``(..., G)`` -> vectors ``(..., C)`` (or channel-first with
+    ``channel_dim=1``), in the codebooks' dtype; differentiable in ``codebooks``.
+
+    Out-of-range indices raise (they would otherwise read arbitrary memory on GPU)."""
+    books = _as_codebooks(codebooks)
+    check_tensor("indices", indices, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
+    groups, vocab, dim = books.shape
+    if indices.device != books.device:
+        raise ValueError(f"indices is on {indices.device} but codebooks is on {books.device}")
+    if indices.dim() < 1 or indices.shape[-1] != groups:
+        raise ValueError(f"indices must be (..., G={groups}), got shape {tuple(indices.shape)}")
+    if indices.numel() and not torch.compiler.is_compiling():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"indices must lie in [0, {vocab}) (K of codebooks), "
+                             f"found values in [{low}, {high}]")
+    book = F.normalize(books, dim=-1) if normalize else books
+    vectors = book[torch.arange(groups, device=books.device), indices.long()]
+    out = vectors.reshape(*indices.shape[:-1], groups * dim)
+    if channel_dim in (-1, out.dim() - 1):
+        return out
+    return out.movedim(-1, channel_dim)
