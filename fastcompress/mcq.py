@@ -18,7 +18,11 @@ from torch import Tensor
 
 from fastcompress._backend import select_backend
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
-from fastcompress.reference.mcq import mcq_quantize_reference, mcq_search_reference
+from fastcompress.reference.mcq import (
+    compute_dtype,
+    mcq_quantize_reference,
+    mcq_search_reference,
+)
 
 _LANES = 16  # the CPU kernel scans codes 16 at a time; books are padded to a multiple
 _ENTROPY_CHUNK_ELEMENTS = 1 << 22  # rows x K per chunk of the entropy passes (16 MiB)
@@ -180,12 +184,12 @@ def mcq_backward_torch(grad_z_q: Tensor, grad_loss: Tensor, z: Tensor, codebooks
     """Analytic gradients of ``mcq_quantize`` with O(N*C + G*K*d) memory (no N x K)."""
     groups, vocab, dim = codebooks.shape
     n = z.shape[0]
-    chunks, z_norm = _split_norm(z.float().view(n, groups, dim), normalize)
-    book, c_norm = _split_norm(codebooks.float(), normalize)
+    chunks, z_norm = _split_norm(z.to(compute_dtype(z)).view(n, groups, dim), normalize)
+    book, c_norm = _split_norm(codebooks.to(compute_dtype(codebooks)), normalize)
     q = book[torch.arange(groups, device=z.device), idx]  # (N, G, d)
-    scale = grad_loss.float() * (2.0 / (max(n, 1) * dim * groups))
+    scale = grad_loss.to(book.dtype) * (2.0 / (max(n, 1) * dim * groups))
     # Straight-through: d z_q / d z_n = I; the commitment term pulls z_n towards q.
-    grad_chunks = grad_z_q.float().view(n, groups, dim) + (beta * scale) * (chunks - q)
+    grad_chunks = grad_z_q.to(chunks.dtype).view(n, groups, dim) + (beta * scale) * (chunks - q)
     # Codebook term: (q - sg(z_n)) scattered into the chosen rows.
     flat = (idx + torch.arange(groups, device=z.device) * vocab).reshape(-1)
     grad_rows = book.new_zeros(groups * vocab, dim)

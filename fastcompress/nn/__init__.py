@@ -1,1 +1,5 @@
 """torch.nn modules."""
+
+from fastcompress.nn.mcq import CodebookEntry, MultiCodebookQuantizer
+
+__all__ = ["CodebookEntry", "MultiCodebookQuantizer"]

@@ -13,10 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for float32 / bfloat16 / float16 (UniTok runs in float32); float64 stays
+    float64 so that gradcheck can run on the references."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _prepare(z: Tensor, codebooks: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
     num_codebooks, _, dim = codebooks.shape
-    chunks = z.float().reshape(z.shape[0], num_codebooks, dim)
-    book = codebooks.float()
+    chunks = z.to(compute_dtype(z)).reshape(z.shape[0], num_codebooks, dim)
+    book = codebooks.to(compute_dtype(codebooks))
     if normalize:
         chunks = F.normalize(chunks, dim=-1)
         book = F.normalize(book, dim=-1)

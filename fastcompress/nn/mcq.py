@@ -1,0 +1,129 @@
+"""Drop-in for UniTok's ``VectorQuantizerM`` on the fused ``mcq_quantize`` op."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastcompress.mcq import mcq_dequantize, mcq_quantize, mcq_search
+
+
+class CodebookEntry(nn.Module):
+    """One sub-codebook, laid out like UniTok's ``VectorQuantizer`` so state dicts load:
+    ``codebook.weight (K, d)`` and the buffer ``vocab_usage (K,)``."""
+
+    def __init__(self, vocab_size: int, vocab_width: int) -> None:
+        super().__init__()
+        self.codebook = nn.Embedding(vocab_size, vocab_width)
+        self.register_buffer("vocab_usage", torch.zeros(vocab_size))
+        self.vocab_usage_record_times: int = 0
+
+    def update_usage(self, prob: Tensor) -> None:
+        # UniTok's EMA: copy on the first call, 0.9 for the first 100 calls, then 0.99.
+        if self.vocab_usage_record_times == 0:
+            self.vocab_usage.copy_(prob)
+        elif self.vocab_usage_record_times < 100:
+            self.vocab_usage.mul_(0.9).add_(prob, alpha=0.1)
+        else:
+            self.vocab_usage.mul_(0.99).add_(prob, alpha=0.01)
+        self.vocab_usage_record_times += 1
+
+
+class MultiCodebookQuantizer(nn.Module):
+    """Multi-codebook quantizer, same arguments and outputs as UniTok's ``VectorQuantizerM``.
+
+    Parameters
+    ----------
+    vocab_size : int
+        Total codes over all codebooks; each has ``vocab_size // num_codebooks`` rows.
+    vocab_width : int
+        Channels C of the features; each codebook has ``vocab_width // num_codebooks`` dims.
+    beta : float
+        Commitment weight.
+    use_entropy_loss : bool
+        Also compute UniTok's entropy loss (temperature ``entropy_temp``).
+    num_codebooks : int
+        G.
+    normalize : bool
+        Cosine (UniTok, MGVQ) when True, plain L2 otherwise.
+    backend : str, optional
+        Forces a backend of :func:`fastcompress.mcq_quantize`.
+
+    ``forward(features (B, L, C))`` returns ``(features_hat (B, L, C), vq_loss (),
+    entropy_loss (), vocab_usage ())`` where ``vocab_usage`` is the mean over codebooks
+    of the percentage of codes chosen with probability above ``0.01 / K``.
+    """
+
+    def __init__(self, vocab_size: int, vocab_width: int, beta: float = 0.25,
+                 use_entropy_loss: bool = False, entropy_temp: float = 0.01,
+                 num_codebooks: int = 16, normalize: bool = True,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        if vocab_size % num_codebooks or vocab_width % num_codebooks:
+            raise ValueError(f"vocab_size={vocab_size} and vocab_width={vocab_width} must both "
+                             f"be divisible by num_codebooks={num_codebooks}")
+        self.num_codebooks = num_codebooks
+        self.beta = beta
+        self.use_entropy_loss = use_entropy_loss
+        self.entropy_temp = entropy_temp
+        self.normalize = normalize
+        self.backend = backend
+        self.codebooks = nn.ModuleList(
+            CodebookEntry(vocab_size // num_codebooks, vocab_width // num_codebooks)
+            for _ in range(num_codebooks))
+
+    def init_vocab(self, eini: float) -> None:
+        """UniTok's initialisation: truncated normal (eini > 0) or uniform (eini < 0)."""
+        for entry in self.codebooks:
+            weight = entry.codebook.weight.data
+            if eini > 0:
+                nn.init.trunc_normal_(weight, std=eini)
+            elif eini < 0:
+                base = weight.shape[1] ** -0.5 / 36
+                weight.uniform_(-abs(eini) * base, abs(eini) * base)
+
+    def stacked_codebooks(self) -> Tensor:
+        """``(G, K, d)`` view of the parameters (a copy that carries their gradients)."""
+        return torch.stack([entry.codebook.weight for entry in self.codebooks])
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        books = self.stacked_codebooks()
+        out = mcq_quantize(features, books.to(features.dtype), beta=self.beta,
+                           normalize=self.normalize,
+                           entropy_temp=self.entropy_temp if self.use_entropy_loss else None,
+                           backend=self.backend)
+        usage = self._record_usage(out.usage_counts)
+        entropy = out.entropy_loss if out.entropy_loss is not None else out.vq_loss.new_zeros(())
+        return out.z_q, out.vq_loss, entropy, usage
+
+    @torch.no_grad()
+    def _record_usage(self, counts: Tensor) -> Tensor:
+        counts = counts.float()
+        if self.training and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        prob = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        vocab = prob.shape[-1]
+        percent = (prob > 0.01 / vocab).float().mean(-1).mul(100)
+        for entry, row in zip(self.codebooks, prob):
+            entry.update_usage(row)
+        return percent.mean()
+
+    def f_to_idx(self, features: Tensor) -> Tensor:
+        """``(B, L, C)`` -> indices ``(B, G, L)`` (UniTok's layout)."""
+        idx = mcq_search(features, self.stacked_codebooks().to(features.dtype),
+                         normalize=self.normalize, backend=self.backend)
+        return idx.movedim(-1, 1)
+
+    def idx_to_f(self, indices: Tensor) -> Tensor:
+        """``(B, G, ...)`` -> features ``(B, L, C)`` with ``L = prod(...)``."""
+        if indices.dim() < 2 or indices.shape[1] != self.num_codebooks:
+            raise ValueError(f"indices must be (B, G={self.num_codebooks}, ...), "
+                             f"got shape {tuple(indices.shape)}")
+        flat = indices.flatten(start_dim=2).movedim(1, -1)  # (B, L, G)
+        return mcq_dequantize(flat, self.stacked_codebooks(), normalize=self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"num_codebooks={self.num_codebooks}, beta={self.beta:g}, normalize={self.normalize}"
+
+

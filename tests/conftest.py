@@ -1,0 +1,16 @@
+import os
+import sys
+
+# Triton kernels run on CPU tensors through the interpreter in the tests. The flag is
+# read when @triton.jit decorates, so it must be set before any kernel module imports.
+# (The ahead-of-time compile tests run in subprocesses without it.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
