@@ -283,14 +283,15 @@ _mcq_entropy_op.register_autograd(_entropy_backward, setup_context=_entropy_setu
 # ------------------------------------------------------------------------- public API
 
 
-def _as_codebooks(codebooks: Tensor | Sequence[Tensor]) -> Tensor:
+def _as_codebooks(codebooks: Tensor | Sequence[Tensor],
+                  dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> Tensor:
     if isinstance(codebooks, (list, tuple)):
         if not codebooks:
             raise ValueError("codebooks must not be an empty sequence")
         for i, book in enumerate(codebooks):
-            check_tensor(f"codebooks[{i}]", book, ndim=2, dtypes=FLOAT_DTYPES)
+            check_tensor(f"codebooks[{i}]", book, ndim=2, dtypes=dtypes)
         return torch.stack(list(codebooks))
-    return check_tensor("codebooks", codebooks, ndim=3, dtypes=FLOAT_DTYPES)
+    return check_tensor("codebooks", codebooks, ndim=3, dtypes=dtypes)
 
 
 def _rows(z: Tensor, books: Tensor, channel_dim: int) -> tuple[Tensor, int]:
@@ -410,10 +411,11 @@ def mcq_dequantize(
     channel_dim: int = -1,
 ) -> Tensor:
     """Indices ``(..., G)`` -> vectors ``(..., C)`` (or channel-first with
-    ``channel_dim=1``), in the codebooks' dtype; differentiable in ``codebooks``.
+    ``channel_dim=1``), in the codebooks' dtype (float64 allowed: pure torch);
+    differentiable in ``codebooks``.
 
     Out-of-range indices raise (they would otherwise read arbitrary memory on GPU)."""
-    books = _as_codebooks(codebooks)
+    books = _as_codebooks(codebooks, FLOAT_DTYPES + (torch.float64,))
     check_tensor("indices", indices, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
     groups, vocab, dim = books.shape
     if indices.device != books.device:
