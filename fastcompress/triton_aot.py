@@ -1,0 +1,104 @@
+"""Ahead-of-time compile of the Triton kernels for sm_80 / sm_90 without a GPU.
+
+The interpreter is lenient (it accepts ``tl.dot`` with K < 16 and never spills), so
+every shipped kernel configuration is also compiled for real and its resource usage
+read back: shared memory from Triton's metadata, registers and spills from ``ptxas -v``
+(the ptxas bundled with Triton). Must run in a process without TRITON_INTERPRET=1.
+
+    python -m fastcompress.triton_aot        # prints one JSON line per configuration
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+
+def _ptxas() -> str:
+    import triton
+
+    return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+
+
+def kernel_configs():
+    """(name, fn, signature, constexprs, options) for every configuration we ship."""
+    from fastcompress.triton_kernels import mcq
+    from fastcompress.triton_kernels.mcq import BACKWARD_CONFIG, FORWARD_CONFIG, padded_dim
+
+    def split(config):
+        blocks = {k: v for k, v in config.items() if k.isupper()}
+        return blocks, {k: v for k, v in config.items() if not k.isupper()}
+
+    fwd_blocks, fwd_opts = split(FORWARD_CONFIG)
+    bwd_blocks, bwd_opts = split(BACKWARD_CONFIG)
+
+    configs = []
+    for dim in (4, 8):
+        for normalize in (True, False):
+            for dtype in ("fp32", "bf16"):
+                sig = {"z_ptr": f"*{dtype}", "book_ptr": "*fp32", "bias_ptr": "*fp32",
+                       "idx_ptr": "*i64", "zq_ptr": f"*{dtype}", "counts_ptr": "*i32",
+                       "err_ptr": "*fp32", "n_rows": "i32", "vocab": "i32",
+                       "padded_vocab": "i32", "channels": "i32"}
+                const = dict(D=dim, D_PAD=padded_dim(dim), NORMALIZE=normalize, FULL=True,
+                             **fwd_blocks)
+                configs.append((f"mcq_forward d={dim} normalize={normalize} {dtype}",
+                                mcq.mcq_forward_kernel, sig, const, fwd_opts))
+            sig = {"z_ptr": "*fp32", "book_ptr": "*fp32", "idx_ptr": "*i64", "grad_zq_ptr": "*fp32",
+                   "grad_loss_ptr": "*fp32", "grad_z_ptr": "*fp32", "grad_rows_ptr": "*fp32",
+                   "n_rows": "i32", "vocab": "i32", "channels": "i32", "beta": "fp32",
+                   "inv_count": "fp32"}
+            const = dict(D=dim, D_PAD=padded_dim(dim), NORMALIZE=normalize, **bwd_blocks)
+            configs.append((f"mcq_backward d={dim} normalize={normalize}", mcq.mcq_backward_kernel,
+                            sig, const, bwd_opts))
+    return configs
+
+
+def compile_one(fn, signature, constexprs, options, capability: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    full_sig = dict(signature)
+    for name in constexprs:
+        full_sig[name] = "constexpr"
+    src = triton.compiler.ASTSource(fn, full_sig, constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = pathlib.Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        # Triton targets sm_90a on Hopper; ptxas must be told the same architecture.
+        arch = re.search(r"^\.target (sm_\w+)", compiled.asm["ptx"], re.M).group(1)
+        out = subprocess.run([_ptxas(), f"-arch={arch}", "-v", str(ptx), "-o",
+                              str(pathlib.Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill_st = re.search(r"(\d+) bytes spill stores", out)
+    spill_ld = re.search(r"(\d+) bytes spill loads", out)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_stores": int(spill_st.group(1)) if spill_st else 0,
+        "spill_loads": int(spill_ld.group(1)) if spill_ld else 0,
+        "shared_bytes": int(compiled.metadata.shared),
+        "cubin_bytes": len(compiled.asm["cubin"]),
+    }
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: an interpreted kernel cannot be compiled", file=sys.stderr)
+        return 2
+    for name, fn, sig, const, opts in kernel_configs():
+        for cap in (80, 90):
+            row = {"kernel": name, "target": f"sm_{cap}", **opts}
+            row.update(compile_one(fn, sig, const, opts, cap))
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
