@@ -24,7 +24,6 @@ from fastcompress.reference.mcq import (
     mcq_search_reference,
 )
 
-_LANES = 16  # the CPU kernel scans codes 16 at a time; books are padded to a multiple
 _ENTROPY_CHUNK_ELEMENTS = 1 << 22  # rows x K per chunk of the entropy passes (16 MiB)
 
 
@@ -48,20 +47,16 @@ class MCQOutput(NamedTuple):
 # ----------------------------------------------------------------------------- helpers
 
 
-def prepare_codebooks(codebooks: Tensor, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Code rows in float32 (unit rows for cosine), their transpose padded to a multiple of
-    16 codes, and the per-code bias (0 for cosine, ``-|c|^2/2`` for L2, ``-inf`` on pads)."""
+def prepare_codebooks(codebooks: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    """Code rows ``(G, K, d)`` in float32 (unit rows for cosine) and the per-code bias
+    ``(G, K)`` that turns both metrics into one argmax: 0 for cosine, ``-|c|^2/2`` for L2
+    (``argmin |z-c|^2 = argmax z.c - |c|^2/2``)."""
     book = codebooks.float()
     if normalize:
         book = F.normalize(book, dim=-1)
     book = book.contiguous()
-    groups, vocab, dim = book.shape
-    padded = -(-vocab // _LANES) * _LANES
-    book_t = book.new_zeros(groups, dim, padded)
-    book_t[:, :, :vocab] = book.transpose(1, 2)
-    bias = book.new_full((groups, padded), float("-inf"))
-    bias[:, :vocab] = 0.0 if normalize else -0.5 * book.square().sum(-1)
-    return book, book_t, bias
+    bias = torch.zeros_like(book[..., 0]) if normalize else -0.5 * book.square().sum(-1)
+    return book, bias.contiguous()
 
 
 def _normalize_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
@@ -97,10 +92,10 @@ def _forward(z: Tensor, codebooks: Tensor, beta: float, normalize: bool, full: b
         with torch.no_grad():
             z_q, idx, loss, counts = mcq_quantize_reference(z, codebooks, beta, normalize)
         return idx, z_q, counts, loss
-    book, book_t, bias = prepare_codebooks(codebooks, normalize)
+    book, bias = prepare_codebooks(codebooks, normalize)
     if name == "cpu":
         idx, z_q, counts, sq_err = torch.ops.fastcompress_cpu.mcq_forward(
-            z, book, book_t, bias, normalize, full)
+            z, book, bias, normalize, full)
     elif name == "triton":
         from fastcompress.triton_kernels.mcq import mcq_forward_triton
 

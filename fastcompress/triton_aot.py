@@ -43,8 +43,7 @@ def kernel_configs():
             for dtype in ("fp32", "bf16"):
                 sig = {"z_ptr": f"*{dtype}", "book_ptr": "*fp32", "bias_ptr": "*fp32",
                        "idx_ptr": "*i64", "zq_ptr": f"*{dtype}", "counts_ptr": "*i32",
-                       "err_ptr": "*fp32", "n_rows": "i32", "vocab": "i32",
-                       "padded_vocab": "i32", "channels": "i32"}
+                       "err_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "channels": "i32"}
                 const = dict(D=dim, D_PAD=padded_dim(dim), NORMALIZE=normalize, FULL=True,
                              **fwd_blocks)
                 configs.append((f"mcq_forward d={dim} normalize={normalize} {dtype}",

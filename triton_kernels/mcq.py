@@ -31,7 +31,7 @@ BACKWARD_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2)
 @triton.jit
 def mcq_forward_kernel(
     z_ptr, book_ptr, bias_ptr, idx_ptr, zq_ptr, counts_ptr, err_ptr,
-    n_rows, vocab, padded_vocab, channels,
+    n_rows, vocab, channels,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORMALIZE: tl.constexpr, FULL: tl.constexpr,
 ):
@@ -57,7 +57,7 @@ def mcq_forward_kernel(
         code_ok = codes < vocab
         c = tl.load(book + codes[:, None] * D + lanes[None, :],
                     mask=code_ok[:, None] & lane_ok[None, :], other=0.0)
-        bias = tl.load(bias_ptr + g * padded_vocab + codes, mask=code_ok, other=float("-inf"))
+        bias = tl.load(bias_ptr + g * vocab + codes, mask=code_ok, other=float("-inf"))
         c_aug = tl.where(lanes[None, :] == D, bias[:, None], c)
         scores = tl.dot(z_aug, tl.trans(c_aug), input_precision="ieee")
         tile_best = tl.max(scores, axis=1)
@@ -125,7 +125,7 @@ def _blocks(n: int, vocab: int) -> tuple[int, int]:
 
 
 def mcq_forward_triton(z: Tensor, book: Tensor, bias: Tensor, normalize: bool, full: bool):
-    """``z (N, C)``, ``book (G, K, d)`` float32 (unit rows for cosine), ``bias (G, Kp)``.
+    """``z (N, C)``, ``book (G, K, d)`` float32 (unit rows for cosine), ``bias (G, K)``.
 
     Returns ``(indices (N, G) int64, z_q (N, C) or empty, counts (G, K) int64 or empty,
     squared_error (G,) float64 or empty)``."""
@@ -139,7 +139,7 @@ def mcq_forward_triton(z: Tensor, book: Tensor, bias: Tensor, normalize: bool, f
     err = torch.zeros((groups, max(programs, 1)), dtype=torch.float32, device=z.device)
     if n > 0:
         mcq_forward_kernel[(programs, groups)](
-            z, book, bias, idx, z_q, counts, err, n, vocab, bias.shape[1], z.shape[1],
+            z, book, bias, idx, z_q, counts, err, n, vocab, z.shape[1],
             D=dim, D_PAD=padded_dim(dim), BLOCK_N=block_n, BLOCK_K=block_k,
             NORMALIZE=normalize, FULL=full, num_warps=FORWARD_CONFIG["num_warps"],
             num_stages=FORWARD_CONFIG["num_stages"],

@@ -2,14 +2,14 @@
 // gather of the chosen rows, straight-through output, squared error and the usage
 // histogram in one pass over z. Never materialises the N x K score matrix.
 //
-// Layout (prepared by fastcompress/mcq.py, all float32, contiguous):
+// Layout (prepared by fastcompress/mcq.py, float32 unless noted, contiguous):
 //   z      (N, C)       float32 / bfloat16 / float16, C = G * D
-//   book   (G, K, D)    code rows (unit rows for cosine), used for the gather
-//   book_t (G, D, Kp)   the same, transposed and padded to Kp = ceil(K / 16) * 16
-//   bias   (G, Kp)      0 (cosine) or -|c|^2 / 2 (L2); -inf on padded lanes
-// A register block is kRows chunks x 16 codes: each code vector is loaded once and
-// reused by kRows rows; per lane the running best keeps the first (lowest) index with
-// a strict '>', and the final horizontal pass applies the same lowest-index rule.
+//   book   (G, K, D)    code rows (unit rows for cosine)
+//   bias   (G, K)       0 (cosine) or -|c|^2 / 2 (L2)
+// Vectorised over chunks, not codes: a block holds 16 * RV chunks transposed in
+// registers, and each code value is one scalar broadcast shared by RV row vectors. The
+// first version vectorised over codes and spilled its 64 chunk broadcasts to the stack,
+// which made it load-bound (72 zmm loads per 64 FMAs; see benchmarks/NOTES.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,49 +33,44 @@ inline vfloat load(const float* p) {
   return v;
 }
 
-// Rows per register block: D code vectors + 2 accumulators per row must fit in 32 zmm.
+// Row vectors per block: the D x RV chunk vectors stay in registers (32 zmm in all).
 template <int D>
-constexpr int rows_per_block() {
-  return D <= 8 ? 8 : 4;
+constexpr int row_vectors() {
+  return D <= 4 ? 4 : (D <= 8 ? 2 : 1);
 }
 
-// Best code of `rows` chunks (each D floats, row-major in `chunks`) in one codebook.
-template <int D, int R>
-void search_block(const float* chunks, const float* book_t, const float* bias, int64_t padded,
+// Best code for kLanes * RV chunks at once: lane i of vector v is chunk v * 16 + i.
+// `chunks_t` is (D, RV * 16): the chunks transposed so that each dimension is a vector.
+// Codes are scanned in order with a strict '>', so each lane keeps the lowest index
+// among equal scores, the torch.argmax rule, with no horizontal pass.
+template <int D, int RV>
+void search_block(const float* chunks_t, const float* book, const float* bias, int64_t vocab,
                   int32_t* best_code) {
-  vfloat best[R];
-  vint best_idx[R];
-  vint lane;
-  for (int i = 0; i < kLanes; ++i) lane[i] = i;
-  for (int r = 0; r < R; ++r) {
-    best[r] = vfloat{} - std::numeric_limits<float>::infinity();
-    best_idx[r] = vint{};
+  vfloat z[RV][D];
+  vfloat best[RV];
+  vint best_idx[RV];
+  for (int v = 0; v < RV; ++v) {
+    for (int j = 0; j < D; ++j) z[v][j] = load(chunks_t + j * RV * kLanes + v * kLanes);
+    best[v] = vfloat{} - std::numeric_limits<float>::infinity();
+    best_idx[v] = vint{};
   }
-  for (int64_t k0 = 0; k0 < padded; k0 += kLanes) {
-    vfloat code[D];
-    for (int j = 0; j < D; ++j) code[j] = load(book_t + j * padded + k0);
-    const vfloat b = load(bias + k0);
-    const vint idx = lane + static_cast<int32_t>(k0);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      vfloat s = b;
-      for (int j = 0; j < D; ++j) s = s + chunks[r * D + j] * code[j];  // contracted to FMA
-      const vint better = s > best[r];
-      best[r] = better ? s : best[r];
-      best_idx[r] = better ? idx : best_idx[r];
+  vint code = vint{};
+  for (int64_t k = 0; k < vocab; ++k) {
+    const float* row = book + k * D;
+    vfloat s[RV];
+    for (int v = 0; v < RV; ++v) s[v] = vfloat{} + bias[k];
+    for (int j = 0; j < D; ++j) {
+      const float c = row[j];
+      for (int v = 0; v < RV; ++v) s[v] = s[v] + z[v][j] * c;  // contracted to FMA
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    float b = -std::numeric_limits<float>::infinity();
-    int32_t code = 0;
-    for (int i = 0; i < kLanes; ++i) {
-      if (improves(best[r][i], best_idx[r][i], b, code)) {
-        b = best[r][i];
-        code = best_idx[r][i];
-      }
+    for (int v = 0; v < RV; ++v) {
+      const vint better = s[v] > best[v];
+      best[v] = better ? s[v] : best[v];
+      best_idx[v] = better ? code : best_idx[v];
     }
-    best_code[r] = code;
+    code = code + 1;
   }
+  for (int v = 0; v < RV; ++v) std::memcpy(best_code + v * kLanes, &best_idx[v], sizeof(vint));
 }
 
 // Generic-d path: the shared scalar scan over row-major codes.
@@ -90,11 +85,10 @@ inline void search_block_scalar(const float* chunks, const float* book, const fl
 }
 
 struct Problem {
-  int64_t n, groups, vocab, padded;
+  int64_t n, groups, vocab;
   int dim;
   bool normalize, full;
   const float* book;
-  const float* book_t;
   const float* bias;
   int64_t* indices;  // (N, G)
   int64_t* counts;   // (G, K)
@@ -105,12 +99,12 @@ constexpr int64_t kTaskRows = 64;
 // D > 0: vectorised block search with D fixed at compile time; D == 0: runtime dim.
 template <typename scalar_t, int D>
 void run(const Problem& p, const scalar_t* z, scalar_t* z_q, double* task_err) {
-  constexpr int R = D > 0 ? rows_per_block<D>() : 8;
+  constexpr int R = D > 0 ? row_vectors<D>() * kLanes : 8;
   const int dim = D > 0 ? D : p.dim;
   const int64_t channels = p.groups * dim;
   const int64_t tasks_per_group = (p.n + kTaskRows - 1) / kTaskRows;
   at::parallel_for(0, p.groups * tasks_per_group, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> chunks(R * dim), raw(dim), out(dim);
+    std::vector<float> chunks(R * dim), chunks_t(R * dim), raw(dim), out(dim);
     int32_t code[R];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / tasks_per_group;
@@ -134,10 +128,12 @@ void run(const Problem& p, const scalar_t* z, scalar_t* z_q, double* task_err) {
           }
         }
         if constexpr (D > 0) {
-          search_block<D, R>(chunks.data(), p.book_t + g * D * p.padded, p.bias + g * p.padded,
-                             p.padded, code);
+          for (int r = 0; r < R; ++r) {
+            for (int j = 0; j < D; ++j) chunks_t[j * R + r] = chunks[r * D + j];
+          }
+          search_block<D, R / kLanes>(chunks_t.data(), book, p.bias + g * p.vocab, p.vocab, code);
         } else {
-          search_block_scalar(chunks.data(), book, p.bias + g * p.padded, dim, p.vocab, rows,
+          search_block_scalar(chunks.data(), book, p.bias + g * p.vocab, dim, p.vocab, rows,
                               code);
         }
         for (int r = 0; r < rows; ++r) {
@@ -170,8 +166,8 @@ void dispatch_dim(const Problem& p, const scalar_t* z, scalar_t* z_q, double* ta
 // Returns (indices (N, G) int64, z_q (N, C) z.dtype, counts (G, K) int64,
 // squared_error (G,) float64). With full == false only `indices` is filled.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(
-    const at::Tensor& z, const at::Tensor& book, const at::Tensor& book_t,
-    const at::Tensor& bias, bool normalize, bool full) {
+    const at::Tensor& z, const at::Tensor& book, const at::Tensor& bias, bool normalize,
+    bool full) {
   TORCH_CHECK(z.device().is_cpu() && z.dim() == 2 && z.is_contiguous(),
               "mcq_forward: z must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(book.dim() == 3 && book.scalar_type() == at::kFloat && book.is_contiguous(),
@@ -181,13 +177,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(
   p.groups = book.size(0);
   p.vocab = book.size(1);
   p.dim = static_cast<int>(book.size(2));
-  p.padded = bias.size(1);
   p.normalize = normalize;
   p.full = full;
   TORCH_CHECK(z.size(1) == p.groups * p.dim, "mcq_forward: z has ", z.size(1),
               " channels, expected G * d = ", p.groups * p.dim);
-  TORCH_CHECK(book_t.is_contiguous() && book_t.size(2) == p.padded && bias.is_contiguous(),
-              "mcq_forward: book_t (G, d, Kp) and bias (G, Kp) must agree and be contiguous");
+  TORCH_CHECK(bias.is_contiguous() && bias.scalar_type() == at::kFloat && bias.dim() == 2 &&
+                  bias.size(0) == p.groups && bias.size(1) == p.vocab,
+              "mcq_forward: bias must be contiguous float32 (G, K)");
   auto indices = at::empty({p.n, p.groups}, z.options().dtype(at::kLong));
   auto z_q = full ? at::empty_like(z) : at::empty({0}, z.options());
   auto counts = at::zeros({full ? p.groups : 0, p.vocab}, z.options().dtype(at::kLong));
@@ -195,7 +191,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(
   auto task_err = at::zeros({p.groups, tasks / std::max<int64_t>(p.groups, 1)},
                             z.options().dtype(at::kDouble));
   p.book = book.data_ptr<float>();
-  p.book_t = book_t.data_ptr<float>();
   p.bias = bias.data_ptr<float>();
   p.indices = indices.data_ptr<int64_t>();
   p.counts = full ? counts.data_ptr<int64_t>() : nullptr;
@@ -214,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(
 
 TORCH_LIBRARY(fastcompress_cpu, m) {
   m.def(
-      "mcq_forward(Tensor z, Tensor book, Tensor book_t, Tensor bias, bool normalize, bool full)"
+      "mcq_forward(Tensor z, Tensor book, Tensor bias, bool normalize, bool full)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
   m.impl("mcq_forward", c10::DispatchKey::CPU, TORCH_FN(fastcompress::mcq_forward));
 }
