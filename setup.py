@@ -43,13 +43,21 @@ setup(
     name="fastcompress",
     version="0.1.0",
     description="Fused kernels for visual-token compression in unified multimodal models",
-    packages=["fastcompress", "fastcompress.reference", "fastcompress.nn", "fastcompress.triton_kernels"],
+    packages=[
+        "fastcompress",
+        "fastcompress.reference",
+        "fastcompress.nn",
+        "fastcompress.triton_kernels",
+    ],
     package_dir={"fastcompress.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     # torch is deliberately not listed: any spec here would let pip replace the CPU build
     # with a CUDA one. Install torch first (see README).
     install_requires=["numpy", "tqdm", "filelock"],
-    extras_require={"triton": ["triton"], "bench": ["pytest-benchmark", "matplotlib", "nvidia-ml-py"]},
+    extras_require={
+        "triton": ["triton"],
+        "bench": ["pytest-benchmark", "matplotlib", "nvidia-ml-py"],
+    },
     entry_points={"console_scripts": ["fastcompress=fastcompress.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

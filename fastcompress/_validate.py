@@ -8,15 +8,22 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_tensor(name: str, value: object, *, ndim: int | tuple[int, ...] | None = None,
-                 dtypes: tuple[torch.dtype, ...] | None = None) -> Tensor:
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if value.dim() not in allowed:
-            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, "
-                             f"got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, allowed))} dimensions, "
+                f"got shape {tuple(value.shape)}"
+            )
     if dtypes is not None and value.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}), got {value.dtype}")
@@ -25,11 +32,14 @@ def check_tensor(name: str, value: object, *, ndim: int | tuple[int, ...] | None
 
 def check_same(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
     if value.device != ref.device:
-        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; "
-                         f"move both to one device")
+        raise ValueError(
+            f"{name} is on {value.device} but {ref_name} is on {ref.device}; "
+            f"move both to one device"
+        )
     if value.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; "
-                        f"they must match")
+        raise TypeError(
+            f"{name} has dtype {value.dtype} but {ref_name} has {ref.dtype}; they must match"
+        )
 
 
 def check_finite(name: str, value: Tensor) -> None:

@@ -78,8 +78,9 @@ def _split_norm(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
 # ------------------------------------------------------------------------ forward impls
 
 
-def _forward(z: Tensor, codebooks: Tensor, beta: float, normalize: bool, full: bool,
-             backend: str, op: str):
+def _forward(
+    z: Tensor, codebooks: Tensor, beta: float, normalize: bool, full: bool, backend: str, op: str
+):
     """(indices, z_q, counts, vq_loss) on the selected backend; z_q etc. only when full."""
     check_finite("z", z)
     check_finite("codebooks", codebooks)
@@ -95,7 +96,8 @@ def _forward(z: Tensor, codebooks: Tensor, beta: float, normalize: bool, full: b
     book, bias = prepare_codebooks(codebooks, normalize)
     if name == "cpu":
         idx, z_q, counts, sq_err = torch.ops.fastcompress_cpu.mcq_forward(
-            z, book, bias, normalize, full)
+            z, book, bias, normalize, full
+        )
     elif name == "triton":
         from fastcompress.triton_kernels.mcq import mcq_forward_triton
 
@@ -135,18 +137,22 @@ def _(z, codebooks, normalize, backend):
 
 
 @torch.library.custom_op("fastcompress::mcq_quantize", mutates_args=())
-def _mcq_quantize_op(z: Tensor, codebooks: Tensor, beta: float, normalize: bool,
-                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    idx, z_q, counts, loss = _forward(z, codebooks, beta, normalize, True, backend,
-                                      "mcq_quantize")
+def _mcq_quantize_op(
+    z: Tensor, codebooks: Tensor, beta: float, normalize: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    idx, z_q, counts, loss = _forward(z, codebooks, beta, normalize, True, backend, "mcq_quantize")
     return z_q, idx, loss, counts
 
 
 @_mcq_quantize_op.register_fake
 def _(z, codebooks, beta, normalize, backend):
     groups, vocab, _ = codebooks.shape
-    return (torch.empty_like(z), z.new_empty((z.shape[0], groups), dtype=torch.long),
-            z.new_empty((), dtype=torch.float32), z.new_empty((groups, vocab), dtype=torch.long))
+    return (
+        torch.empty_like(z),
+        z.new_empty((z.shape[0], groups), dtype=torch.long),
+        z.new_empty((), dtype=torch.float32),
+        z.new_empty((groups, vocab), dtype=torch.long),
+    )
 
 
 def _quantize_setup_context(ctx, inputs, output):
@@ -167,15 +173,24 @@ def _quantize_backward(ctx, grad_z_q, _grad_idx, grad_loss, _grad_counts):
         from fastcompress.triton_kernels.mcq import mcq_backward_triton
 
         grad_z, grad_book = mcq_backward_triton(
-            grad_z_q, grad_loss, z, codebooks, idx, ctx.beta, ctx.normalize)
+            grad_z_q, grad_loss, z, codebooks, idx, ctx.beta, ctx.normalize
+        )
     else:
         grad_z, grad_book = mcq_backward_torch(
-            grad_z_q, grad_loss, z, codebooks, idx, ctx.beta, ctx.normalize)
+            grad_z_q, grad_loss, z, codebooks, idx, ctx.beta, ctx.normalize
+        )
     return grad_z, grad_book, None, None, None
 
 
-def mcq_backward_torch(grad_z_q: Tensor, grad_loss: Tensor, z: Tensor, codebooks: Tensor,
-                       idx: Tensor, beta: float, normalize: bool) -> tuple[Tensor, Tensor]:
+def mcq_backward_torch(
+    grad_z_q: Tensor,
+    grad_loss: Tensor,
+    z: Tensor,
+    codebooks: Tensor,
+    idx: Tensor,
+    beta: float,
+    normalize: bool,
+) -> tuple[Tensor, Tensor]:
     """Analytic gradients of ``mcq_quantize`` with O(N*C + G*K*d) memory (no N x K)."""
     groups, vocab, dim = codebooks.shape
     n = z.shape[0]
@@ -224,7 +239,7 @@ def _mcq_entropy_op(chunks: Tensor, book: Tensor, inv_temp: float) -> tuple[Tens
     step = _entropy_chunks(n, vocab)
     for g in range(groups):
         for r0 in range(0, n, step):
-            logits = _entropy_logits(chunks[r0:r0 + step, g], book[g], inv_temp)
+            logits = _entropy_logits(chunks[r0 : r0 + step, g], book[g], inv_temp)
             log_p = logits.log_softmax(-1)
             p = log_p.exp()
             per_sample[g] += (-(p * log_p).sum(-1)).double().sum()
@@ -260,15 +275,19 @@ def _entropy_backward(ctx, grad_loss, _grad_avg):
     two_inv_temp = 2.0 * ctx.inv_temp
     for g in range(groups):
         for r0 in range(0, n, step):
-            chunk = chunks[r0:r0 + step, g]
+            chunk = chunks[r0 : r0 + step, g]
             log_p = _entropy_logits(chunk, book[g], ctx.inv_temp).log_softmax(-1)
             p = log_p.exp()
             entropy = -(p * log_p).sum(-1, keepdim=True)
             mixed = (p * w[g]).sum(-1, keepdim=True)
             grad_logits = -coef * p * ((log_p + entropy) + (w[g] - mixed))
             row_sum = grad_logits.sum(-1, keepdim=True)
-            grad_chunks[r0:r0 + step, g] = two_inv_temp * (grad_logits @ book[g] - chunk * row_sum)
-            grad_book[g] += two_inv_temp * (grad_logits.T @ chunk - book[g] * grad_logits.sum(0)[:, None])
+            grad_chunks[r0 : r0 + step, g] = two_inv_temp * (
+                grad_logits @ book[g] - chunk * row_sum
+            )
+            grad_book[g] += two_inv_temp * (
+                grad_logits.T @ chunk - book[g] * grad_logits.sum(0)[:, None]
+            )
     return grad_chunks, grad_book, None
 
 
@@ -278,8 +297,9 @@ _mcq_entropy_op.register_autograd(_entropy_backward, setup_context=_entropy_setu
 # ------------------------------------------------------------------------- public API
 
 
-def _as_codebooks(codebooks: Tensor | Sequence[Tensor],
-                  dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> Tensor:
+def _as_codebooks(
+    codebooks: Tensor | Sequence[Tensor], dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+) -> Tensor:
     if isinstance(codebooks, (list, tuple)):
         if not codebooks:
             raise ValueError("codebooks must not be an empty sequence")
@@ -296,7 +316,9 @@ def _rows(z: Tensor, books: Tensor, channel_dim: int) -> tuple[Tensor, int]:
     if z.dim() < 2:
         raise ValueError(f"z must have at least 2 dimensions (..., C), got shape {tuple(z.shape)}")
     if not -z.dim() <= channel_dim < z.dim():
-        raise ValueError(f"channel_dim={channel_dim} is out of range for z of shape {tuple(z.shape)}")
+        raise ValueError(
+            f"channel_dim={channel_dim} is out of range for z of shape {tuple(z.shape)}"
+        )
     channel_dim %= z.dim()
     groups, vocab, dim = books.shape
     channels = z.shape[channel_dim]
@@ -306,7 +328,8 @@ def _rows(z: Tensor, books: Tensor, channel_dim: int) -> tuple[Tensor, int]:
         hint = f"; C={channels} is not divisible by G={groups}" if channels % groups else ""
         raise ValueError(
             f"z has C={channels} channels on channel_dim={channel_dim}, but codebooks "
-            f"{tuple(books.shape)} (G, K, d) expect C = G*d = {groups * dim}{hint}")
+            f"{tuple(books.shape)} (G, K, d) expect C = G*d = {groups * dim}{hint}"
+        )
     moved = z.movedim(channel_dim, -1)
     return moved.reshape(-1, channels).contiguous(), channel_dim
 
@@ -364,8 +387,9 @@ def mcq_quantize(
     books = _as_codebooks(codebooks)
     rows, channel_dim = _rows(z, books, channel_dim)
     groups, vocab, dim = books.shape
-    z_q, idx, vq_loss, counts = _mcq_quantize_op(rows, books, float(beta), bool(normalize),
-                                                 backend or "")
+    z_q, idx, vq_loss, counts = _mcq_quantize_op(
+        rows, books, float(beta), bool(normalize), backend or ""
+    )
     entropy = None
     if entropy_temp is not None:
         if entropy_temp <= 0:
@@ -420,8 +444,10 @@ def mcq_dequantize(
     if indices.numel() and not torch.compiler.is_compiling():
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= vocab:
-            raise ValueError(f"indices must lie in [0, {vocab}) (K of codebooks), "
-                             f"found values in [{low}, {high}]")
+            raise ValueError(
+                f"indices must lie in [0, {vocab}) (K of codebooks), "
+                f"found values in [{low}, {high}]"
+            )
     book = F.normalize(books, dim=-1) if normalize else books
     vectors = book[torch.arange(groups, device=books.device), indices.long()]
     out = vectors.reshape(*indices.shape[:-1], groups * dim)

@@ -41,20 +41,54 @@ def kernel_configs():
     for dim in (4, 8):
         for normalize in (True, False):
             for dtype in ("fp32", "bf16"):
-                sig = {"z_ptr": f"*{dtype}", "book_ptr": "*fp32", "bias_ptr": "*fp32",
-                       "idx_ptr": "*i64", "zq_ptr": f"*{dtype}", "counts_ptr": "*i32",
-                       "err_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "channels": "i32"}
-                const = dict(D=dim, D_PAD=padded_dim(dim), NORMALIZE=normalize, FULL=True,
-                             **fwd_blocks)
-                configs.append((f"mcq_forward d={dim} normalize={normalize} {dtype}",
-                                mcq.mcq_forward_kernel, sig, const, fwd_opts))
-            sig = {"z_ptr": "*fp32", "book_ptr": "*fp32", "idx_ptr": "*i64", "grad_zq_ptr": "*fp32",
-                   "grad_loss_ptr": "*fp32", "grad_z_ptr": "*fp32", "grad_rows_ptr": "*fp32",
-                   "n_rows": "i32", "vocab": "i32", "channels": "i32", "beta": "fp32",
-                   "inv_count": "fp32"}
+                sig = {
+                    "z_ptr": f"*{dtype}",
+                    "book_ptr": "*fp32",
+                    "bias_ptr": "*fp32",
+                    "idx_ptr": "*i64",
+                    "zq_ptr": f"*{dtype}",
+                    "counts_ptr": "*i32",
+                    "err_ptr": "*fp32",
+                    "n_rows": "i32",
+                    "vocab": "i32",
+                    "channels": "i32",
+                }
+                const = dict(
+                    D=dim, D_PAD=padded_dim(dim), NORMALIZE=normalize, FULL=True, **fwd_blocks
+                )
+                configs.append(
+                    (
+                        f"mcq_forward d={dim} normalize={normalize} {dtype}",
+                        mcq.mcq_forward_kernel,
+                        sig,
+                        const,
+                        fwd_opts,
+                    )
+                )
+            sig = {
+                "z_ptr": "*fp32",
+                "book_ptr": "*fp32",
+                "idx_ptr": "*i64",
+                "grad_zq_ptr": "*fp32",
+                "grad_loss_ptr": "*fp32",
+                "grad_z_ptr": "*fp32",
+                "grad_rows_ptr": "*fp32",
+                "n_rows": "i32",
+                "vocab": "i32",
+                "channels": "i32",
+                "beta": "fp32",
+                "inv_count": "fp32",
+            }
             const = dict(D=dim, D_PAD=padded_dim(dim), NORMALIZE=normalize, **bwd_blocks)
-            configs.append((f"mcq_backward d={dim} normalize={normalize}", mcq.mcq_backward_kernel,
-                            sig, const, bwd_opts))
+            configs.append(
+                (
+                    f"mcq_backward d={dim} normalize={normalize}",
+                    mcq.mcq_backward_kernel,
+                    sig,
+                    const,
+                    bwd_opts,
+                )
+            )
     return configs
 
 
@@ -72,9 +106,12 @@ def compile_one(fn, signature, constexprs, options, capability: int) -> dict:
         ptx.write_text(compiled.asm["ptx"])
         # Triton targets sm_90a on Hopper; ptxas must be told the same architecture.
         arch = re.search(r"^\.target (sm_\w+)", compiled.asm["ptx"], re.M).group(1)
-        out = subprocess.run([_ptxas(), f"-arch={arch}", "-v", str(ptx), "-o",
-                              str(pathlib.Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+        out = subprocess.run(
+            [_ptxas(), f"-arch={arch}", "-v", str(ptx), "-o", str(pathlib.Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     regs = re.search(r"Used (\d+) registers", out)
     spill_st = re.search(r"(\d+) bytes spill stores", out)
     spill_ld = re.search(r"(\d+) bytes spill loads", out)

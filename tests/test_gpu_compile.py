@@ -19,8 +19,14 @@ SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 @pytest.fixture(scope="module")
 def triton_report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "fastcompress.triton_aot"], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "fastcompress.triton_aot"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
@@ -51,9 +57,22 @@ def _nvcc():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
 def test_cuda_sources_compile(tmp_path, source, arch):
-    out = subprocess.run([_nvcc(), f"-arch={arch}", "-c", "--resource-usage", "-O3",
-                          f"-I{ROOT / 'csrc' / 'include'}", str(source), "-o",
-                          str(tmp_path / "k.o")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            _nvcc(),
+            f"-arch={arch}",
+            "-c",
+            "--resource-usage",
+            "-O3",
+            f"-I{ROOT / 'csrc' / 'include'}",
+            str(source),
+            "-o",
+            str(tmp_path / "k.o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     usage = out.stdout + out.stderr
     registers = [int(r) for r in re.findall(r"Used (\d+) registers", usage)]
@@ -64,10 +83,15 @@ def test_cuda_sources_compile(tmp_path, source, arch):
 
 def test_shared_header_is_framework_free(tmp_path):
     src = tmp_path / "use.cpp"
-    src.write_text('#include "fastcompress/mcq_tile.cuh"\n'
-                   "int main() { float z[2] = {3, 4}, y[2]; fastcompress::normalize_chunk(z, y, 2);"
-                   " return y[0] == 0.6f ? 0 : 1; }\n")
+    src.write_text(
+        '#include "fastcompress/mcq_tile.cuh"\n'
+        "int main() { float z[2] = {3, 4}, y[2]; fastcompress::normalize_chunk(z, y, 2);"
+        " return y[0] == 0.6f ? 0 : 1; }\n"
+    )
     exe = tmp_path / "use"
-    subprocess.run(["c++", "-std=c++17", f"-I{ROOT / 'csrc' / 'include'}", str(src), "-o",
-                    str(exe)], check=True, timeout=120)
+    subprocess.run(
+        ["c++", "-std=c++17", f"-I{ROOT / 'csrc' / 'include'}", str(src), "-o", str(exe)],
+        check=True,
+        timeout=120,
+    )
     assert subprocess.run([str(exe)]).returncode == 0

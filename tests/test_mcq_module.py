@@ -17,8 +17,9 @@ CONFIG = dict(vocab_size=8 * 96, vocab_width=64, beta=0.25, num_codebooks=8)
 
 def _pair(use_entropy=False, backend="cpu"):
     unitok = UniTokQuantizer(**CONFIG, use_entropy_loss=use_entropy, entropy_temp=0.01)
-    ours = MultiCodebookQuantizer(**CONFIG, use_entropy_loss=use_entropy, entropy_temp=0.01,
-                                  backend=backend)
+    ours = MultiCodebookQuantizer(
+        **CONFIG, use_entropy_loss=use_entropy, entropy_temp=0.01, backend=backend
+    )
     missing, unexpected = ours.load_state_dict(unitok.state_dict(), strict=True)
     assert not missing and not unexpected
     return unitok, ours
@@ -39,9 +40,13 @@ def test_forward_and_gradients_match_unitok(backend, use_entropy):
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     f_hat, vq, ent, usage, idx = unitok(x1)
     g_hat, vq2, ent2, usage2 = ours(x2)
-    assert_same_codes(x.view(-1, 64), ours.stacked_codebooks().detach(),
-                      ours.f_to_idx(x).movedim(1, -1).reshape(-1, 8), idx.movedim(1, -1).reshape(-1, 8),
-                      normalize=True)
+    assert_same_codes(
+        x.view(-1, 64),
+        ours.stacked_codebooks().detach(),
+        ours.f_to_idx(x).movedim(1, -1).reshape(-1, 8),
+        idx.movedim(1, -1).reshape(-1, 8),
+        normalize=True,
+    )
     torch.testing.assert_close(g_hat, f_hat, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(vq2, vq, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(ent2, ent, atol=1e-5, rtol=1e-5)
@@ -50,8 +55,10 @@ def test_forward_and_gradients_match_unitok(backend, use_entropy):
     ((f_hat * w).sum() + vq + ent).backward()
     ((g_hat * w).sum() + vq2 + ent2).backward()
     torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-4)
-    for a, b in zip(unitok.codebooks, ours.codebooks):
-        torch.testing.assert_close(b.codebook.weight.grad, a.codebook.weight.grad, atol=1e-6, rtol=1e-4)
+    for a, b in zip(unitok.codebooks, ours.codebooks, strict=False):
+        torch.testing.assert_close(
+            b.codebook.weight.grad, a.codebook.weight.grad, atol=1e-6, rtol=1e-4
+        )
 
 
 def test_usage_ema_follows_unitok_schedule():
@@ -60,7 +67,7 @@ def test_usage_ema_follows_unitok_schedule():
         x = torch.randn(2, 9, 64) * (1 + step % 3)
         unitok(x)
         ours(x)
-    for a, b in zip(unitok.codebooks, ours.codebooks):
+    for a, b in zip(unitok.codebooks, ours.codebooks, strict=False):
         torch.testing.assert_close(b.vocab_usage, a.vocab_usage, atol=1e-6, rtol=1e-5)
     assert ours.codebooks[0].vocab_usage_record_times == 103
 
@@ -105,8 +112,9 @@ def test_usage_all_reduced_across_ranks_gloo():
     # Expected: one process quantising both ranks' data together (no all-reduce needed).
     torch.manual_seed(0)
     single = MultiCodebookQuantizer(8 * 16, 32, num_codebooks=8, backend="cpu")
-    both = torch.cat([torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(r))
-                      for r in range(2)], dim=1)
+    both = torch.cat(
+        [torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(r)) for r in range(2)], dim=1
+    )
     _, _, _, usage = single(both)
     for rank in range(2):
         assert results[rank][0] == pytest.approx(usage.item())

@@ -99,7 +99,7 @@ def test_analytic_backward_equals_autograd_float64(normalize):
     grad_out, grad_loss = torch.randn_like(z_q), torch.tensor(1.7, dtype=torch.float64)
     want = torch.autograd.grad((z_q, loss), (z, books), (grad_out, grad_loss))
     got = mcq_backward_torch(grad_out, grad_loss, z.detach(), books.detach(), idx, 0.25, normalize)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         torch.testing.assert_close(g, w, **TOLERANCE[torch.float64])
 
 
@@ -112,7 +112,8 @@ def test_dequantize_gradcheck_float64(normalize):
     _, books = make_problem(1, 2, 9, 3, dtype=torch.float64, seed=5)
     idx = torch.randint(0, 9, (4, 5, 2))
     assert torch.autograd.gradcheck(
-        lambda b: fc.mcq_dequantize(idx, b, normalize=normalize), (books.requires_grad_(),))
+        lambda b: fc.mcq_dequantize(idx, b, normalize=normalize), (books.requires_grad_(),)
+    )
 
 
 def test_entropy_loss_matches_dense_reference():
@@ -150,8 +151,10 @@ def test_entropy_reference_gradcheck_float64():
     from fastcompress.reference import mcq_entropy_loss_reference
 
     z, books = make_problem(5, 2, 6, 3, dtype=torch.float64, seed=9)
-    assert torch.autograd.gradcheck(lambda a, b: mcq_entropy_loss_reference(a, b, 0.5),
-                                    (z.requires_grad_(), books.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda a, b: mcq_entropy_loss_reference(a, b, 0.5),
+        (z.requires_grad_(), books.requires_grad_()),
+    )
 
 
 def test_dequantize_round_trip():

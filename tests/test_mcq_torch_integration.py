@@ -11,8 +11,9 @@ from fastcompress import mcq
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_opcheck_quantize_and_search(backend):
     z, books = make_problem(33, 4, 40, 8, seed=1)
-    torch.library.opcheck(mcq._mcq_quantize_op,
-                          (z.requires_grad_(), books.requires_grad_(), 0.25, True, backend))
+    torch.library.opcheck(
+        mcq._mcq_quantize_op, (z.requires_grad_(), books.requires_grad_(), 0.25, True, backend)
+    )
     torch.library.opcheck(mcq._mcq_search_op, (z.detach(), books.detach(), False, backend))
 
 

@@ -28,7 +28,9 @@ def test_codebooks_wrong_rank():
 
 
 def test_dtype_mismatch(books):
-    with pytest.raises(TypeError, match="codebooks has dtype torch.float32 but z has torch.bfloat16"):
+    with pytest.raises(
+        TypeError, match="codebooks has dtype torch.float32 but z has torch.bfloat16"
+    ):
         fc.mcq_quantize(torch.randn(2, 3, 64, dtype=torch.bfloat16), books)
 
 

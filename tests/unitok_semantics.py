@@ -50,19 +50,35 @@ class SubQuantizer(nn.Module):
 
 
 class UniTokQuantizer(nn.Module):
-    def __init__(self, vocab_size, vocab_width, beta=0.25, use_entropy_loss=False,
-                 entropy_temp=0.01, num_codebooks=16):
+    def __init__(
+        self,
+        vocab_size,
+        vocab_width,
+        beta=0.25,
+        use_entropy_loss=False,
+        entropy_temp=0.01,
+        num_codebooks=16,
+    ):
         super().__init__()
         self.num_codebooks = num_codebooks
         self.codebooks = nn.ModuleList(
-            SubQuantizer(vocab_size // num_codebooks, vocab_width // num_codebooks, beta,
-                         entropy_temp if use_entropy_loss else None)
-            for _ in range(num_codebooks))
+            SubQuantizer(
+                vocab_size // num_codebooks,
+                vocab_width // num_codebooks,
+                beta,
+                entropy_temp if use_entropy_loss else None,
+            )
+            for _ in range(num_codebooks)
+        )
 
     def forward(self, features):
         parts = features.chunk(self.num_codebooks, dim=-1)
-        outs = [cb(p) for cb, p in zip(self.codebooks, parts)]
+        outs = [cb(p) for cb, p in zip(self.codebooks, parts, strict=False)]
         g = self.num_codebooks
-        return (torch.cat([o[0] for o in outs], -1), sum(o[1] for o in outs) / g,
-                sum(o[2] for o in outs) / g, sum(o[3] for o in outs) / g,
-                torch.stack([o[4] for o in outs], 1))
+        return (
+            torch.cat([o[0] for o in outs], -1),
+            sum(o[1] for o in outs) / g,
+            sum(o[2] for o in outs) / g,
+            sum(o[3] for o in outs) / g,
+            torch.stack([o[4] for o in outs], 1),
+        )

@@ -30,10 +30,22 @@ BACKWARD_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2)
 
 @triton.jit
 def mcq_forward_kernel(
-    z_ptr, book_ptr, bias_ptr, idx_ptr, zq_ptr, counts_ptr, err_ptr,
-    n_rows, vocab, channels,
-    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NORMALIZE: tl.constexpr, FULL: tl.constexpr,
+    z_ptr,
+    book_ptr,
+    bias_ptr,
+    idx_ptr,
+    zq_ptr,
+    counts_ptr,
+    err_ptr,
+    n_rows,
+    vocab,
+    channels,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    FULL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -55,8 +67,11 @@ def mcq_forward_kernel(
     for k0 in range(0, vocab, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         code_ok = codes < vocab
-        c = tl.load(book + codes[:, None] * D + lanes[None, :],
-                    mask=code_ok[:, None] & lane_ok[None, :], other=0.0)
+        c = tl.load(
+            book + codes[:, None] * D + lanes[None, :],
+            mask=code_ok[:, None] & lane_ok[None, :],
+            other=0.0,
+        )
         bias = tl.load(bias_ptr + g * vocab + codes, mask=code_ok, other=float("-inf"))
         c_aug = tl.where(lanes[None, :] == D, bias[:, None], c)
         scores = tl.dot(z_aug, tl.trans(c_aug), input_precision="ieee")
@@ -80,9 +95,22 @@ def mcq_forward_kernel(
 
 @triton.jit
 def mcq_backward_kernel(
-    z_ptr, book_ptr, idx_ptr, grad_zq_ptr, grad_loss_ptr, grad_z_ptr, grad_rows_ptr,
-    n_rows, vocab, channels, beta, inv_count,
-    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NORMALIZE: tl.constexpr,
+    z_ptr,
+    book_ptr,
+    idx_ptr,
+    grad_zq_ptr,
+    grad_loss_ptr,
+    grad_z_ptr,
+    grad_rows_ptr,
+    n_rows,
+    vocab,
+    channels,
+    beta,
+    inv_count,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -139,9 +167,23 @@ def mcq_forward_triton(z: Tensor, book: Tensor, bias: Tensor, normalize: bool, f
     err = torch.zeros((groups, max(programs, 1)), dtype=torch.float32, device=z.device)
     if n > 0:
         mcq_forward_kernel[(programs, groups)](
-            z, book, bias, idx, z_q, counts, err, n, vocab, z.shape[1],
-            D=dim, D_PAD=padded_dim(dim), BLOCK_N=block_n, BLOCK_K=block_k,
-            NORMALIZE=normalize, FULL=full, num_warps=FORWARD_CONFIG["num_warps"],
+            z,
+            book,
+            bias,
+            idx,
+            z_q,
+            counts,
+            err,
+            n,
+            vocab,
+            z.shape[1],
+            D=dim,
+            D_PAD=padded_dim(dim),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            NORMALIZE=normalize,
+            FULL=full,
+            num_warps=FORWARD_CONFIG["num_warps"],
             num_stages=FORWARD_CONFIG["num_stages"],
         )
     if not full:
@@ -150,8 +192,15 @@ def mcq_forward_triton(z: Tensor, book: Tensor, bias: Tensor, normalize: bool, f
     return idx, z_q, counts.long(), err.double().sum(1)
 
 
-def mcq_backward_triton(grad_z_q: Tensor, grad_loss: Tensor, z: Tensor, codebooks: Tensor,
-                        idx: Tensor, beta: float, normalize: bool) -> tuple[Tensor, Tensor]:
+def mcq_backward_triton(
+    grad_z_q: Tensor,
+    grad_loss: Tensor,
+    z: Tensor,
+    codebooks: Tensor,
+    idx: Tensor,
+    beta: float,
+    normalize: bool,
+) -> tuple[Tensor, Tensor]:
     """Gradients of ``mcq_quantize`` into ``z (N, C)`` and ``codebooks (G, K, d)``."""
     groups, vocab, dim = codebooks.shape
     n = z.shape[0]
@@ -164,13 +213,29 @@ def mcq_backward_triton(grad_z_q: Tensor, grad_loss: Tensor, z: Tensor, codebook
     block_n = min(BACKWARD_CONFIG["BLOCK_N"], max(16, triton.next_power_of_2(max(n, 1))))
     if n > 0:
         mcq_backward_kernel[(triton.cdiv(n, block_n), groups)](
-            z, book, idx, grad_z_q.contiguous(), grad_loss.float().reshape(1), grad_z, grad_rows,
-            n, vocab, z.shape[1], float(beta), 2.0 / (n * dim * groups),
-            D=dim, D_PAD=padded_dim(dim), BLOCK_N=block_n, NORMALIZE=normalize,
-            num_warps=BACKWARD_CONFIG["num_warps"], num_stages=BACKWARD_CONFIG["num_stages"],
+            z,
+            book,
+            idx,
+            grad_z_q.contiguous(),
+            grad_loss.float().reshape(1),
+            grad_z,
+            grad_rows,
+            n,
+            vocab,
+            z.shape[1],
+            float(beta),
+            2.0 / (n * dim * groups),
+            D=dim,
+            D_PAD=padded_dim(dim),
+            BLOCK_N=block_n,
+            NORMALIZE=normalize,
+            num_warps=BACKWARD_CONFIG["num_warps"],
+            num_stages=BACKWARD_CONFIG["num_stages"],
         )
     if normalize:
         unit = book
-        through = (grad_rows - unit * (unit * grad_rows).sum(-1, keepdim=True)) / norm.clamp_min(NORM_EPS)
+        through = (grad_rows - unit * (unit * grad_rows).sum(-1, keepdim=True)) / norm.clamp_min(
+            NORM_EPS
+        )
         grad_rows = torch.where(norm >= NORM_EPS, through, grad_rows / NORM_EPS)
     return grad_z, grad_rows.to(codebooks.dtype)

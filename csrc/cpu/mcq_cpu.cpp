@@ -74,8 +74,8 @@ void search_block(const float* chunks_t, const float* book, const float* bias, i
 }
 
 // Generic-d path: the shared scalar scan over row-major codes.
-inline void search_block_scalar(const float* chunks, const float* book, const float* bias,
-                                int dim, int64_t vocab, int rows, int32_t* best_code) {
+inline void search_block_scalar(const float* chunks, const float* book, const float* bias, int dim,
+                                int64_t vocab, int rows, int32_t* best_code) {
   for (int r = 0; r < rows; ++r) {
     float best = -std::numeric_limits<float>::infinity();
     int32_t code = 0;
@@ -133,8 +133,7 @@ void run(const Problem& p, const scalar_t* z, scalar_t* z_q, double* task_err) {
           }
           search_block<D, R / kLanes>(chunks_t.data(), book, p.bias + g * p.vocab, p.vocab, code);
         } else {
-          search_block_scalar(chunks.data(), book, p.bias + g * p.vocab, dim, p.vocab, rows,
-                              code);
+          search_block_scalar(chunks.data(), book, p.bias + g * p.vocab, dim, p.vocab, rows, code);
         }
         for (int r = 0; r < rows; ++r) {
           const int64_t row = r0 + r;
@@ -155,19 +154,25 @@ void run(const Problem& p, const scalar_t* z, scalar_t* z_q, double* task_err) {
 template <typename scalar_t>
 void dispatch_dim(const Problem& p, const scalar_t* z, scalar_t* z_q, double* task_err) {
   switch (p.dim) {
-    case 2: return run<scalar_t, 2>(p, z, z_q, task_err);
-    case 4: return run<scalar_t, 4>(p, z, z_q, task_err);
-    case 8: return run<scalar_t, 8>(p, z, z_q, task_err);
-    case 16: return run<scalar_t, 16>(p, z, z_q, task_err);
-    default: return run<scalar_t, 0>(p, z, z_q, task_err);
+    case 2:
+      return run<scalar_t, 2>(p, z, z_q, task_err);
+    case 4:
+      return run<scalar_t, 4>(p, z, z_q, task_err);
+    case 8:
+      return run<scalar_t, 8>(p, z, z_q, task_err);
+    case 16:
+      return run<scalar_t, 16>(p, z, z_q, task_err);
+    default:
+      return run<scalar_t, 0>(p, z, z_q, task_err);
   }
 }
 
 // Returns (indices (N, G) int64, z_q (N, C) z.dtype, counts (G, K) int64,
 // squared_error (G,) float64). With full == false only `indices` is filled.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(
-    const at::Tensor& z, const at::Tensor& book, const at::Tensor& bias, bool normalize,
-    bool full) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(const at::Tensor& z,
+                                                                       const at::Tensor& book,
+                                                                       const at::Tensor& bias,
+                                                                       bool normalize, bool full) {
   TORCH_CHECK(z.device().is_cpu() && z.dim() == 2 && z.is_contiguous(),
               "mcq_forward: z must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(book.dim() == 3 && book.scalar_type() == at::kFloat && book.is_contiguous(),
@@ -188,8 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(
   auto z_q = full ? at::empty_like(z) : at::empty({0}, z.options());
   auto counts = at::zeros({full ? p.groups : 0, p.vocab}, z.options().dtype(at::kLong));
   const int64_t tasks = p.groups * ((p.n + kTaskRows - 1) / kTaskRows);
-  auto task_err = at::zeros({p.groups, tasks / std::max<int64_t>(p.groups, 1)},
-                            z.options().dtype(at::kDouble));
+  auto task_err =
+      at::zeros({p.groups, tasks / std::max<int64_t>(p.groups, 1)}, z.options().dtype(at::kDouble));
   p.book = book.data_ptr<float>();
   p.bias = bias.data_ptr<float>();
   p.indices = indices.data_ptr<int64_t>();

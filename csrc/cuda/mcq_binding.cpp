@@ -2,9 +2,8 @@
 // current stream. Built only where the installed torch has CUDA (setup.py).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <torch/library.h>
-
 #include <cuda_runtime.h>
+#include <torch/library.h>
 
 extern "C" {
 int fastcompress_mcq_search_f32(const float*, const float*, const float*, int64_t*, int64_t, int,
@@ -20,9 +19,9 @@ namespace {
 at::Tensor mcq_search(const at::Tensor& z, const at::Tensor& book, const at::Tensor& bias,
                       bool normalize) {
   TORCH_CHECK(z.is_cuda() && z.dim() == 2 && z.is_contiguous(), "z must be contiguous (N, C) CUDA");
-  TORCH_CHECK(book.is_cuda() && book.dim() == 3 && book.scalar_type() == at::kFloat &&
-                  book.is_contiguous(),
-              "book must be contiguous float32 (G, K, d) on CUDA");
+  TORCH_CHECK(
+      book.is_cuda() && book.dim() == 3 && book.scalar_type() == at::kFloat && book.is_contiguous(),
+      "book must be contiguous float32 (G, K, d) on CUDA");
   TORCH_CHECK(bias.is_cuda() && bias.dim() == 2 && bias.is_contiguous(), "bias must be (G, Kp)");
   const int64_t n = z.size(0);
   const int groups = static_cast<int>(book.size(0));
@@ -36,8 +35,8 @@ at::Tensor mcq_search(const at::Tensor& z, const at::Tensor& book, const at::Ten
   int rc;
   if (z.scalar_type() == at::kFloat) {
     rc = fastcompress_mcq_search_f32(z.data_ptr<float>(), book.data_ptr<float>(),
-                                     bias.data_ptr<float>(), indices.data_ptr<int64_t>(), n,
-                                     groups, vocab, padded, dim, normalize, stream);
+                                     bias.data_ptr<float>(), indices.data_ptr<int64_t>(), n, groups,
+                                     vocab, padded, dim, normalize, stream);
   } else if (z.scalar_type() == at::kBFloat16) {
     rc = fastcompress_mcq_search_bf16(z.data_ptr(), book.data_ptr<float>(), bias.data_ptr<float>(),
                                       indices.data_ptr<int64_t>(), n, groups, vocab, padded, dim,
@@ -49,7 +48,8 @@ at::Tensor mcq_search(const at::Tensor& z, const at::Tensor& book, const at::Ten
                                      normalize, stream);
   }
   TORCH_CHECK(rc != -1, "the CUDA MCQ search supports d in {2, 4, 8, 16}, got d=", dim);
-  TORCH_CHECK(rc == 0, "CUDA MCQ search launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
+  TORCH_CHECK(rc == 0,
+              "CUDA MCQ search launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
   return indices;
 }
 

@@ -74,8 +74,8 @@ int launch(const T* z, const float* book, const float* bias, int64_t* indices, i
            int groups, int vocab, int padded_vocab, bool normalize, cudaStream_t stream) {
   if (n == 0 || groups == 0) return 0;
   const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), groups);
-  mcq_search_kernel<T, D><<<grid, kThreads, 0, stream>>>(z, book, bias, indices, n, groups,
-                                                         vocab, padded_vocab, normalize);
+  mcq_search_kernel<T, D><<<grid, kThreads, 0, stream>>>(z, book, bias, indices, n, groups, vocab,
+                                                         padded_vocab, normalize);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -84,11 +84,20 @@ int dispatch(const T* z, const float* book, const float* bias, int64_t* indices,
              int groups, int vocab, int padded_vocab, int dim, bool normalize,
              cudaStream_t stream) {
   switch (dim) {
-    case 2: return launch<T, 2>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize, stream);
-    case 4: return launch<T, 4>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize, stream);
-    case 8: return launch<T, 8>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize, stream);
-    case 16: return launch<T, 16>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize, stream);
-    default: return -1;  // unsupported code dimension
+    case 2:
+      return launch<T, 2>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize,
+                          stream);
+    case 4:
+      return launch<T, 4>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize,
+                          stream);
+    case 8:
+      return launch<T, 8>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize,
+                          stream);
+    case 16:
+      return launch<T, 16>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize,
+                           stream);
+    default:
+      return -1;  // unsupported code dimension
   }
 }
 

@@ -55,14 +55,23 @@ class MultiCodebookQuantizer(nn.Module):
     of the percentage of codes chosen with probability above ``0.01 / K``.
     """
 
-    def __init__(self, vocab_size: int, vocab_width: int, beta: float = 0.25,
-                 use_entropy_loss: bool = False, entropy_temp: float = 0.01,
-                 num_codebooks: int = 16, normalize: bool = True,
-                 backend: str | None = None) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        vocab_width: int,
+        beta: float = 0.25,
+        use_entropy_loss: bool = False,
+        entropy_temp: float = 0.01,
+        num_codebooks: int = 16,
+        normalize: bool = True,
+        backend: str | None = None,
+    ) -> None:
         super().__init__()
         if vocab_size % num_codebooks or vocab_width % num_codebooks:
-            raise ValueError(f"vocab_size={vocab_size} and vocab_width={vocab_width} must both "
-                             f"be divisible by num_codebooks={num_codebooks}")
+            raise ValueError(
+                f"vocab_size={vocab_size} and vocab_width={vocab_width} must both "
+                f"be divisible by num_codebooks={num_codebooks}"
+            )
         self.num_codebooks = num_codebooks
         self.beta = beta
         self.use_entropy_loss = use_entropy_loss
@@ -71,7 +80,8 @@ class MultiCodebookQuantizer(nn.Module):
         self.backend = backend
         self.codebooks = nn.ModuleList(
             CodebookEntry(vocab_size // num_codebooks, vocab_width // num_codebooks)
-            for _ in range(num_codebooks))
+            for _ in range(num_codebooks)
+        )
 
     def init_vocab(self, eini: float) -> None:
         """UniTok's initialisation: truncated normal (eini > 0) or uniform (eini < 0)."""
@@ -89,10 +99,14 @@ class MultiCodebookQuantizer(nn.Module):
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         books = self.stacked_codebooks()
-        out = mcq_quantize(features, books.to(features.dtype), beta=self.beta,
-                           normalize=self.normalize,
-                           entropy_temp=self.entropy_temp if self.use_entropy_loss else None,
-                           backend=self.backend)
+        out = mcq_quantize(
+            features,
+            books.to(features.dtype),
+            beta=self.beta,
+            normalize=self.normalize,
+            entropy_temp=self.entropy_temp if self.use_entropy_loss else None,
+            backend=self.backend,
+        )
         usage = self._record_usage(out.usage_counts)
         entropy = out.entropy_loss if out.entropy_loss is not None else out.vq_loss.new_zeros(())
         return out.z_q, out.vq_loss, entropy, usage
@@ -105,25 +119,29 @@ class MultiCodebookQuantizer(nn.Module):
         prob = counts / counts.sum(-1, keepdim=True).clamp_min(1)
         vocab = prob.shape[-1]
         percent = (prob > 0.01 / vocab).float().mean(-1).mul(100)
-        for entry, row in zip(self.codebooks, prob):
+        for entry, row in zip(self.codebooks, prob, strict=False):
             entry.update_usage(row)
         return percent.mean()
 
     def f_to_idx(self, features: Tensor) -> Tensor:
         """``(B, L, C)`` -> indices ``(B, G, L)`` (UniTok's layout)."""
-        idx = mcq_search(features, self.stacked_codebooks().to(features.dtype),
-                         normalize=self.normalize, backend=self.backend)
+        idx = mcq_search(
+            features,
+            self.stacked_codebooks().to(features.dtype),
+            normalize=self.normalize,
+            backend=self.backend,
+        )
         return idx.movedim(-1, 1)
 
     def idx_to_f(self, indices: Tensor) -> Tensor:
         """``(B, G, ...)`` -> features ``(B, L, C)`` with ``L = prod(...)``."""
         if indices.dim() < 2 or indices.shape[1] != self.num_codebooks:
-            raise ValueError(f"indices must be (B, G={self.num_codebooks}, ...), "
-                             f"got shape {tuple(indices.shape)}")
+            raise ValueError(
+                f"indices must be (B, G={self.num_codebooks}, ...), "
+                f"got shape {tuple(indices.shape)}"
+            )
         flat = indices.flatten(start_dim=2).movedim(1, -1)  # (B, L, G)
         return mcq_dequantize(flat, self.stacked_codebooks(), normalize=self.normalize)
 
     def extra_repr(self) -> str:
         return f"num_codebooks={self.num_codebooks}, beta={self.beta:g}, normalize={self.normalize}"
-
-

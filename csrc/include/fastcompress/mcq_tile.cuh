@@ -45,9 +45,8 @@ FC_HOST_DEVICE float code_score(const float* chunk, const float* row, float bias
 }
 
 // Scan codes [begin, end) of a row-major (K, dim) codebook, updating (best, best_code).
-FC_HOST_DEVICE void scan_codes(const float* chunk, const float* book, const float* bias,
-                               int dim, int32_t begin, int32_t end, float* best,
-                               int32_t* best_code) {
+FC_HOST_DEVICE void scan_codes(const float* chunk, const float* book, const float* bias, int dim,
+                               int32_t begin, int32_t end, float* best, int32_t* best_code) {
   for (int32_t k = begin; k < end; ++k) {
     const float s = code_score(chunk, book + static_cast<int64_t>(k) * dim, bias[k], dim);
     if (improves(s, k, *best, *best_code)) {

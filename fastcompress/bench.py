@@ -1,0 +1,387 @@
+"""Benchmark harness shared by ``fastcompress bench`` and ``benchmarks/`` (pytest-benchmark).
+
+Every implementation of an op is timed on the same inputs in the same process, checked
+against the reference, and reported as a ratio. Peak memory: on CUDA the allocator's
+peak; on CPU the process's peak RSS above its RSS before the call (Linux resets the
+peak through ``/proc/self/clear_refs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import fastcompress as fc
+from fastcompress._backend import available_backends
+from fastcompress.reference import mcq_quantize_reference, mcq_search_reference
+
+MCQ_CONFIGS = {
+    "unitok": dict(groups=8, vocab=4096, dim=8),  # UniTok: 8 x 4096 x 8, C = 64
+    "mgvq": dict(groups=8, vocab=2048, dim=4),  # MGVQ: 8 x 2048 x 4, C = 32
+}
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    impl: str
+    seconds: float
+    parity: str
+    peak_mb: float | None
+    speedup: float | None = None
+
+    def row(self) -> list[str]:
+        peak = "-" if self.peak_mb is None else f"{self.peak_mb:.1f}"
+        speed = "-" if self.speedup is None else f"{self.speedup:.1f}x"
+        return [self.impl, self.parity, f"{self.seconds * 1e3:.1f}", speed, peak]
+
+
+# ------------------------------------------------------------------------ measurement
+
+
+def _status() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+
+
+def measure(
+    fn: Callable[[], object], device: torch.device, min_seconds: float = 0.5, max_repeats: int = 20
+) -> tuple[float, float | None]:
+    """(median seconds, peak extra MiB). The warm-up call is the one whose peak memory
+    is read; slow calls (> 2 s) are then timed once, fast ones until ``min_seconds``."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    peak = _peak_memory_mb(fn, device)
+    warm = time.perf_counter() - start
+    repeats = 1 if warm > 2.0 else max(3, min(max_repeats, int(min_seconds / max(warm, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), peak
+
+
+def _peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = _status()["VmRSS"]
+    except OSError:
+        fn()
+        return None
+    fn()
+    return max(0, _status()["VmHWM"] - before) / 1024
+
+
+# ---------------------------------------------------------------------- MCQ workloads
+
+
+def make_mcq_inputs(config: str, n: int, device: str = "cpu", seed: int = 0):
+    shape = MCQ_CONFIGS[config]
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, shape["groups"] * shape["dim"], generator=gen).to(device)
+    books = torch.randn(shape["groups"], shape["vocab"], shape["dim"], generator=gen).to(device)
+    return z, books
+
+
+def unitok_style_search(z: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    """How UniTok's own code searches: a Python loop over codebooks, ``z @ c.T``, argmax."""
+    groups, _, dim = books.shape
+    out = []
+    for g, part in enumerate(z.split(dim, dim=-1)):
+        zn = F.normalize(part, dim=-1)
+        cn = F.normalize(books[g], dim=1)
+        out.append(torch.argmax(zn @ cn.T, dim=1))
+    return torch.stack(out, dim=1)
+
+
+class FaissPQ:
+    """faiss ``ProductQuantizer(C, G, log2 K).compute_codes`` with our (unit) codebooks.
+    On unit vectors the L2 argmin equals the cosine argmax, so indices must agree."""
+
+    def __init__(self, books: torch.Tensor):
+        import faiss
+
+        groups, vocab, dim = books.shape
+        self.faiss = faiss
+        self.pq = faiss.ProductQuantizer(groups * dim, groups, int(vocab).bit_length() - 1)
+        unit = F.normalize(books.float(), dim=-1).contiguous()
+        faiss.copy_array_to_vector(unit.numpy().ravel(), self.pq.centroids)
+        self.groups, self.bits = groups, int(vocab).bit_length() - 1
+
+    def __call__(self, z_unit):
+        import numpy as np
+
+        codes = self.pq.compute_codes(z_unit)
+        bits = np.unpackbits(codes, axis=1, bitorder="little")[:, : self.groups * self.bits]
+        weights = (1 << np.arange(self.bits)).astype(np.int64)
+        return torch.from_numpy((bits.reshape(-1, self.groups, self.bits) * weights).sum(-1))
+
+
+class VectorQuantizePytorch:
+    """vector-quantize-pytorch ``VectorQuantize(..., heads=G, separate_codebook_per_head)``
+    in eval mode, its codebooks set to ours (unit rows), indices only."""
+
+    def __init__(self, books: torch.Tensor):
+        from vector_quantize_pytorch import VectorQuantize
+
+        groups, vocab, dim = books.shape
+        self.vq = VectorQuantize(
+            dim=groups * dim,
+            codebook_size=vocab,
+            codebook_dim=dim,
+            heads=groups,
+            separate_codebook_per_head=True,
+        ).eval()
+        with torch.no_grad():
+            self.vq._codebook.embed.copy_(F.normalize(books.float(), dim=-1))
+
+    def __call__(self, z_unit):
+        with torch.no_grad():
+            return self.vq(z_unit[None])[1][0]
+
+
+def _unit_chunks(z: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    groups, _, dim = books.shape
+    return F.normalize(z.view(-1, groups, dim), dim=-1).reshape(z.shape).contiguous()
+
+
+def mcq_search_impls(z: torch.Tensor, books: torch.Tensor, peers: bool = True):
+    """name -> (callable returning (N, G) indices, input it is called with)."""
+    impls: dict[str, tuple[Callable, torch.Tensor]] = {}
+    device = z.device
+    for name, status in available_backends(device).items():
+        if status == "yes" and name != "reference":
+            impls[f"fastcompress[{name}]"] = (
+                lambda x, name=name: fc.mcq_search(x, books, backend=name),
+                z,
+            )
+    impls["torch reference"] = (lambda x: mcq_search_reference(x, books), z)
+    impls["UniTok-style torch"] = (lambda x: unitok_style_search(x, books), z)
+    if peers and device.type == "cpu":
+        unit = _unit_chunks(z, books)
+        if importlib.util.find_spec("faiss"):
+            impls["faiss-cpu PQ"] = (FaissPQ(books), unit.numpy())
+        if importlib.util.find_spec("vector_quantize_pytorch"):
+            impls["vector-quantize-pytorch"] = (VectorQuantizePytorch(books), unit)
+    return impls
+
+
+def index_parity(idx: torch.Tensor, ref: torch.Tensor, z: torch.Tensor, books: torch.Tensor) -> str:
+    """'exact', or 'N near-ties (gap g)' when differing codes score within 1e-5, else FAIL."""
+    idx = idx.reshape(ref.shape).to(ref.device)
+    differ = idx != ref
+    count = int(differ.sum())
+    if count == 0:
+        return "exact"
+    groups, _, dim = books.shape
+    chunks = F.normalize(z.double().reshape(-1, groups, dim), dim=-1)
+    unit = F.normalize(books.double(), dim=-1)
+    rows = torch.arange(groups, device=books.device)
+    gap = ((chunks * unit[rows, ref]).sum(-1) - (chunks * unit[rows, idx]).sum(-1))[differ]
+    worst = float(gap.abs().max())
+    return f"{count} near-ties ({worst:.0e})" if worst <= 1e-5 else f"FAIL {count} ({worst:.1e})"
+
+
+def bench_mcq_search(
+    config: str = "unitok", n: int = 16384, device: str = "cpu", peers: bool = True, progress=None
+) -> list[Result]:
+    z, books = make_mcq_inputs(config, n, device)
+    ref = mcq_search_reference(z, books)
+    results = []
+    for impl, (fn, x) in mcq_search_impls(z, books, peers).items():
+        if progress:
+            progress(impl)
+        idx = torch.as_tensor(fn(x))
+        seconds, peak = measure(lambda fn=fn, x=x: fn(x), z.device)
+        results.append(
+            Result(
+                f"mcq_search {config} N={n}", impl, seconds, index_parity(idx, ref, z, books), peak
+            )
+        )
+    return _with_speedups(results, "torch reference")
+
+
+def bench_mcq_train(
+    config: str = "unitok", n: int = 16384, device: str = "cpu", progress=None
+) -> list[Result]:
+    """Forward + backward of mcq_quantize (training) against the reference autograd."""
+    z0, books0 = make_mcq_inputs(config, n, device)
+    weight = torch.randn_like(z0)
+
+    def step(run):
+        z, books = z0.clone().requires_grad_(), books0.clone().requires_grad_()
+        z_q, loss = run(z, books)
+        ((z_q * weight).sum() + loss).backward()
+        return z.grad, books.grad
+
+    def reference(z, books):
+        z_q, _, loss, _ = mcq_quantize_reference(z, books)
+        return z_q, loss
+
+    def ours(name):
+        def run(z, books):
+            out = fc.mcq_quantize(z, books, backend=name)
+            return out.z_q, out.vq_loss
+
+        return run
+
+    impls = {"torch reference": reference}
+    for name, status in available_backends(z0.device).items():
+        if status == "yes" and name != "reference":
+            impls[f"fastcompress[{name}]"] = ours(name)
+    want = step(impls["torch reference"])
+    results = []
+    for impl, run in impls.items():
+        if progress:
+            progress(impl)
+        got = step(run)
+        ok = all(
+            torch.allclose(g, w, atol=1e-5, rtol=1e-4) for g, w in zip(got, want, strict=False)
+        )
+        seconds, peak = measure(lambda run=run: step(run), z0.device)
+        results.append(
+            Result(
+                f"mcq_quantize fwd+bwd {config} N={n}",
+                impl,
+                seconds,
+                "grads match" if ok else "FAIL grads",
+                peak,
+            )
+        )
+    return _with_speedups(results, "torch reference")
+
+
+def _with_speedups(results: list[Result], baseline: str) -> list[Result]:
+    base = next(r.seconds for r in results if r.impl == baseline)
+    for r in results:
+        r.speedup = base / r.seconds
+    return results
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def machine_info() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    if importlib.util.find_spec("triton"):
+        import triton
+
+        info["triton"] = triton.__version__
+    info["gpu"] = gpu_info()
+    return info
+
+
+def gpu_info() -> dict | str:
+    """GPU name, driver, clocks and memory through NVML; a reason string without one."""
+    try:
+        import pynvml
+    except ImportError:
+        return "nvidia-ml-py not installed"
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound on machines without a driver
+        return f"no NVML ({type(exc).__name__})"
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        name = pynvml.nvmlDeviceGetName(handle)
+        return {
+            "name": name.decode() if isinstance(name, bytes) else name,
+            "driver": str(pynvml.nvmlSystemGetDriverVersion()),
+            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "memory_total_mb": mem.total // 2**20,
+        }
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def format_table(results: list[Result]) -> str:
+    header = ["implementation", "parity vs reference", "ms", "speed-up", "peak MiB"]
+    rows = [header] + [r.row() for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [f"== {results[0].op} =="]
+    for k, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def save(results: list[Result], out_dir: str, name: str = "bench") -> tuple[str, str | None]:
+    """Write ``name.json`` (results + machine info) and, with matplotlib, ``name.png``."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(
+            {"machine": machine_info(), "results": [dataclasses.asdict(r) for r in results]},
+            f,
+            indent=2,
+        )
+    return path, plot(results, os.path.join(out_dir, f"{name}.png"))
+
+
+def plot(results: list[Result], path: str) -> str | None:
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = list(dict.fromkeys(r.op for r in results))
+    fig, axes = plt.subplots(len(ops), 1, figsize=(9, 2.2 + 0.45 * len(results)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops, strict=False):
+        rows = [r for r in results if r.op == op]
+        ms = [r.seconds * 1e3 for r in rows]
+        colors = ["tab:green" if r.impl.startswith("fastcompress") else "tab:gray" for r in rows]
+        bars = ax.barh([r.impl for r in rows], ms, color=colors)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_title(op)
+        ax.set_xlabel("milliseconds (log scale, lower is better)")
+        for bar, r in zip(bars, rows, strict=False):
+            ax.text(
+                bar.get_width(),
+                bar.get_y() + bar.get_height() / 2,
+                f" {r.seconds * 1e3:.1f} ms ({r.speedup:.1f}x)",
+                va="center",
+                fontsize=8,
+            )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
