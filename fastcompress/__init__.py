@@ -1,6 +1,7 @@
 """fastcompress: fused kernels for visual-token compression in unified multimodal models."""
 
 from fastcompress._backend import BackendUnavailableError, available_backends
+from fastcompress.compress import compress, meta_token_attention, pool_compress
 from fastcompress.mcq import MCQOutput, mcq_dequantize, mcq_quantize, mcq_search
 
 __version__ = "0.1.0"
@@ -9,7 +10,10 @@ __all__ = [
     "BackendUnavailableError",
     "MCQOutput",
     "available_backends",
+    "compress",
     "mcq_dequantize",
     "mcq_quantize",
     "mcq_search",
+    "meta_token_attention",
+    "pool_compress",
 ]

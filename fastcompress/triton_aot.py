@@ -89,6 +89,34 @@ def kernel_configs():
                     bwd_opts,
                 )
             )
+    from fastcompress.triton_kernels import compress
+    from fastcompress.triton_kernels.compress import launch_config
+
+    # The benchmark shapes: 32 x 32 grid, 4 meta tokens x 8 heads = 32 folded queries.
+    for dim in (64, 256, 1024):
+        for stride in (2, 4, 0):
+            for dtype in ("fp32", "bf16"):
+                sig = {
+                    "x_ptr": f"*{dtype}",
+                    "a_ptr": "*fp32",
+                    "ctx_ptr": "*fp32",
+                    "m_ptr": "*fp32",
+                    "l_ptr": "*fp32",
+                    "pooled_ptr": f"*{dtype}",
+                    "tokens": "i32",
+                    "dim": "i32",
+                    "tiles_per_split": "i32",
+                }
+                const, warps = launch_config(32, stride, dim, 32, dtype == "fp32")
+                configs.append(
+                    (
+                        f"meta_context_pool d={dim} stride={stride} {dtype}",
+                        compress.meta_context_pool_kernel,
+                        sig,
+                        const,
+                        dict(num_warps=warps, num_stages=2),
+                    )
+                )
     return configs
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastcompress.mcq import mcq_dequantize, mcq_quantize, mcq_search
+from fastcompress.mcq import MCQOutput, mcq_dequantize, mcq_quantize, mcq_search
 
 
 class CodebookEntry(nn.Module):
@@ -98,18 +98,22 @@ class MultiCodebookQuantizer(nn.Module):
         return torch.stack([entry.codebook.weight for entry in self.codebooks])
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        books = self.stacked_codebooks()
+        out, usage = self.quantize(features)
+        entropy = out.entropy_loss if out.entropy_loss is not None else out.vq_loss.new_zeros(())
+        return out.z_q, out.vq_loss, entropy, usage
+
+    def quantize(self, features: Tensor) -> tuple[MCQOutput, Tensor]:
+        """Like ``forward`` but returns the whole :class:`fastcompress.MCQOutput` (with
+        indices ``(..., G)``) and the usage percentage; the usage EMA is updated."""
         out = mcq_quantize(
             features,
-            books.to(features.dtype),
+            self.stacked_codebooks().to(features.dtype),
             beta=self.beta,
             normalize=self.normalize,
             entropy_temp=self.entropy_temp if self.use_entropy_loss else None,
             backend=self.backend,
         )
-        usage = self._record_usage(out.usage_counts)
-        entropy = out.entropy_loss if out.entropy_loss is not None else out.vq_loss.new_zeros(())
-        return out.z_q, out.vq_loss, entropy, usage
+        return out, self._record_usage(out.usage_counts)
 
     @torch.no_grad()
     def _record_usage(self, counts: Tensor) -> Tensor:

@@ -1,0 +1,269 @@
+"""UniCompress compressor: 2x2 / 4x4 pooling fused with meta-token cross-attention.
+
+``compress(x, grid, stride, queries, <MultiheadAttention weights>)`` returns
+``(G, X_hat)`` with the numbers of ``avg_pool2d`` + ``nn.MultiheadAttention``
+(batch_first) but reads X once: scores of head h are ``x_j . (W_k,h^T q_h) / sqrt(d_h)``
+(the key bias is constant over j and cancels in the softmax) and the output is
+``(sum_j p_j x_j) W_v,h^T + b_v,h`` (the weights sum to one). The X pass is the custom
+op ``fastcompress::meta_context_pool``; folding the queries and finishing with W_v and
+out_proj are small torch ops, so autograd reaches every weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastcompress._backend import select_backend
+from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
+from fastcompress.reference.compress import (
+    meta_token_attention_reference,
+    pool_compress_reference,
+)
+from fastcompress.reference.mcq import compute_dtype
+
+
+def _check_grid(x: Tensor, grid: tuple[int, int], stride: int) -> tuple[int, int]:
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(int(g) > 0 for g in grid)):
+        raise ValueError(f"grid must be (H, W) with positive sizes, got {grid!r}")
+    height, width = int(grid[0]), int(grid[1])
+    if stride not in (2, 4):
+        raise ValueError(f"stride must be 2 or 4, got {stride}")
+    if height * width != x.shape[1]:
+        raise ValueError(
+            f"x has T={x.shape[1]} tokens but grid {height}x{width} has {height * width}"
+        )
+    if height % stride or width % stride:
+        raise ValueError(f"grid {height}x{width} is not divisible by stride {stride}")
+    if x.shape[0] == 0:
+        raise ValueError("x has an empty batch (B = 0)")
+    return height, width
+
+
+def _check_attention(
+    x, queries, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads
+) -> None:
+    dim = x.shape[-1]
+    check_tensor("queries", queries, ndim=2)
+    if queries.shape[1] != dim or queries.shape[0] == 0:
+        raise ValueError(f"queries must be (N_g, d={dim}) with N_g > 0, got {tuple(queries.shape)}")
+    if num_heads <= 0 or dim % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide d={dim}")
+    expected = {
+        "in_proj_weight": (in_proj_weight, (3 * dim, dim)),
+        "in_proj_bias": (in_proj_bias, (3 * dim,)),
+        "out_proj_weight": (out_proj_weight, (dim, dim)),
+        "out_proj_bias": (out_proj_bias, (dim,)),
+    }
+    for name, (value, shape) in expected.items():
+        if value is None and name.endswith("bias"):
+            continue
+        check_tensor(name, value)
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} for d={dim}, got {tuple(value.shape)}"
+            )
+    for name, value in (
+        ("queries", queries),
+        ("in_proj_weight", in_proj_weight),
+        ("out_proj_weight", out_proj_weight),
+    ):
+        check_same(name, value, "x", x)
+
+
+def fold_queries(
+    queries: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, num_heads: int
+) -> Tensor:
+    """``(N_g * heads, d)`` float32: row ``n * heads + h`` is ``W_k,h^T q_{n,h} / sqrt(d_h)``."""
+    dim = queries.shape[-1]
+    head_dim = dim // num_heads
+    w_q, w_k, _ = in_proj_weight.float().chunk(3)
+    b_q = in_proj_bias.float().chunk(3)[0] if in_proj_bias is not None else None
+    q = F.linear(queries.float(), w_q, b_q).view(-1, num_heads, head_dim)
+    folded = torch.einsum("nhe,hed->nhd", q, w_k.view(num_heads, head_dim, dim))
+    return (folded * head_dim**-0.5).reshape(-1, dim)
+
+
+def finish_meta(
+    context: Tensor,
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor | None,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    num_heads: int,
+) -> Tensor:
+    """``context (B, N_g * heads, d)`` -> meta tokens ``(B, N_g, d)`` (value + out proj)."""
+    batch, _, dim = context.shape
+    head_dim = dim // num_heads
+    w_v = in_proj_weight.float().chunk(3)[2].view(num_heads, head_dim, dim)
+    heads = torch.einsum("bnhd,hed->bnhe", context.view(batch, -1, num_heads, dim), w_v)
+    if in_proj_bias is not None:
+        heads = heads + in_proj_bias.float().chunk(3)[2].view(num_heads, head_dim)
+    out_bias = out_proj_bias.float() if out_proj_bias is not None else None
+    return F.linear(heads.reshape(batch, -1, dim), out_proj_weight.float(), out_bias)
+
+
+# ---------------------------------------------------------------- the X-pass custom op
+
+
+def _context_pool_torch(x: Tensor, folded: Tensor, grid: tuple[int, int], stride: int):
+    batch, tokens, dim = x.shape
+    height, width = grid
+    xf = x.to(compute_dtype(x))
+    probs = torch.matmul(xf, folded.T).softmax(dim=1)  # (B, T, M): small, M = N_g * heads
+    context = torch.matmul(probs.transpose(1, 2), xf)
+    if stride == 0:
+        return context, x.new_empty((batch, 0, dim))
+    pooled = xf.view(batch, height // stride, stride, width // stride, stride, dim)
+    pooled = pooled.mean((2, 4)).reshape(batch, -1, dim)
+    return context, pooled.to(x.dtype)
+
+
+@torch.library.custom_op("fastcompress::meta_context_pool", mutates_args=())
+def _meta_context_pool_op(
+    x: Tensor, folded: Tensor, grid_h: int, grid_w: int, stride: int, backend: str
+) -> tuple[Tensor, Tensor]:
+    check_finite("x", x)
+    name = select_backend(x.device, backend, op="compress")
+    if name == "triton":
+        from fastcompress.triton_kernels.compress import meta_context_pool_triton
+
+        return meta_context_pool_triton(
+            x.contiguous(), folded.contiguous(), (grid_h, grid_w), stride
+        )
+    if name == "cuda":
+        from fastcompress._backend import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            "compress: there is no CUDA C++ kernel for this op; use 'triton'"
+        )
+    # reference and cpu: the folded formulation in torch (MKL GEMMs on CPU)
+    return _context_pool_torch(x, folded, (grid_h, grid_w), stride)
+
+
+@_meta_context_pool_op.register_fake
+def _(x, folded, grid_h, grid_w, stride, backend):
+    batch, tokens, dim = x.shape
+    pooled = tokens // stride**2 if stride else 0
+    return (
+        x.new_empty((batch, folded.shape[0], dim), dtype=torch.float32),
+        x.new_empty((batch, pooled, dim)),
+    )
+
+
+def _context_pool_setup(ctx, inputs, output):
+    x, folded, grid_h, grid_w, stride, _ = inputs
+    ctx.save_for_backward(x, folded)
+    ctx.geometry = (grid_h, grid_w, stride)
+
+
+def _context_pool_backward(ctx, grad_context, grad_pooled):
+    # Attention backward with K = V = X and only M = N_g * heads queries: the (B, T, M)
+    # probabilities are recomputed (small), never a T x T or T x d*d intermediate.
+    x, folded = ctx.saved_tensors
+    grid_h, grid_w, stride = ctx.geometry
+    batch, tokens, dim = x.shape
+    xf = x.to(compute_dtype(x))
+    probs = torch.matmul(xf, folded.T).softmax(dim=1)
+    grad_x = torch.zeros_like(xf)
+    grad_folded = torch.zeros_like(folded)
+    if grad_context is not None:
+        grad_context = grad_context.to(xf.dtype)
+        grad_x += torch.matmul(probs, grad_context)
+        grad_probs = torch.matmul(xf, grad_context.transpose(1, 2))  # (B, T, M)
+        grad_scores = probs * (grad_probs - (probs * grad_probs).sum(1, keepdim=True))
+        grad_x += torch.matmul(grad_scores, folded)
+        grad_folded = torch.einsum("btm,btd->md", grad_scores, xf)
+    if grad_pooled is not None and stride > 0:
+        pooled_grid = grad_pooled.to(xf.dtype).view(
+            batch, grid_h // stride, 1, grid_w // stride, 1, dim
+        )
+        spread = pooled_grid.expand(-1, -1, stride, -1, stride, -1) / stride**2
+        grad_x += spread.reshape(batch, tokens, dim)
+    return grad_x.to(x.dtype), grad_folded, None, None, None, None
+
+
+_meta_context_pool_op.register_autograd(_context_pool_backward, setup_context=_context_pool_setup)
+
+
+# ------------------------------------------------------------------------- public API
+
+
+def pool_compress(x: Tensor, grid: tuple[int, int], stride: int) -> Tensor:
+    """Non-overlapping ``s x s`` average over a row-major ``H x W`` token grid.
+
+    ``x (B, T = H*W, d)`` -> ``(B, T / s^2, d)`` row-major; ``stride`` s is 2 or 4."""
+    _check_grid(x, grid, stride)
+    return pool_compress_reference(x, tuple(grid), stride)
+
+
+def meta_token_attention(
+    x: Tensor,
+    queries: Tensor,
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor | None,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    num_heads: int,
+    backend: str | None = None,
+) -> Tensor:
+    """``nn.MultiheadAttention(d, num_heads, batch_first=True)(Q, X, X)[0]`` for shared
+    queries ``(N_g, d)`` over ``x (B, T, d)`` -> ``(B, N_g, d)``, folded (reads X once)."""
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x must have B > 0 and T > 0, got shape {tuple(x.shape)}")
+    weights = (queries, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads)
+    _check_attention(x, *weights)
+    return _attend(x, weights, (0, 0), 0, backend)[0]
+
+
+def compress(
+    x: Tensor,
+    grid: tuple[int, int],
+    stride: int,
+    queries: Tensor,
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor | None,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    num_heads: int,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """UniCompress compressor in one pass over X.
+
+    Parameters
+    ----------
+    x : ``(B, T, d)`` tokens of a row-major ``grid = (H, W)``, ``T = H * W``.
+    stride : 2 or 4 (H and W divisible by it).
+    queries : ``(N_g, d)`` learned meta queries.
+    in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads :
+        the parameters of an ``nn.MultiheadAttention(d, num_heads)``.
+
+    Returns
+    -------
+    ``(G (B, N_g, d), X_hat (B, T / s^2, d))`` in x.dtype.
+    """
+    grid = _check_grid(x, grid, stride)
+    weights = (queries, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads)
+    _check_attention(x, *weights)
+    return _attend(x, weights, grid, stride, backend)
+
+
+def _attend(
+    x: Tensor, weights: tuple, grid: tuple[int, int], stride: int, backend: str | None
+) -> tuple[Tensor, Tensor]:
+    """Meta tokens and (stride > 0) pooled tokens on the chosen backend."""
+    from fastcompress._backend import requested_backend
+
+    queries, in_w, in_b, out_w, out_b, num_heads = weights
+    if requested_backend(backend) == "reference":
+        check_finite("x", x)
+        meta = meta_token_attention_reference(x, *weights)
+        pooled = pool_compress_reference(x, grid, stride) if stride else x[:, :0]
+        return meta, pooled
+    folded = fold_queries(queries, in_w, in_b, num_heads)
+    context, pooled = _meta_context_pool_op(x, folded, grid[0], grid[1], stride, backend or "")
+    meta = finish_meta(context, in_w, in_b, out_w, out_b, num_heads)
+    return meta.to(x.dtype), pooled

@@ -1,0 +1,203 @@
+"""UniCompress compressor: fused pooling + meta-token attention against avg_pool2d +
+nn.MultiheadAttention, every backend, dtypes, gradients, modules, bad input."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcompress as fc
+from fastcompress._backend import triton_available
+from fastcompress.nn import GlobalTokenExtractor, MultiCodebookQuantizer, UniCompressor
+from fastcompress.reference.compress import compress_reference
+
+compress_mod = importlib.import_module("fastcompress.compress")
+BACKENDS = ["reference", "cpu"] + (["triton"] if triton_available() else [])
+
+
+def _problem(
+    batch=3, grid=(12, 8), dim=48, heads=4, num_meta=3, bias=True, seed=0, dtype=torch.float32
+):
+    torch.manual_seed(seed)
+    mha = torch.nn.MultiheadAttention(dim, heads, bias=bias, batch_first=True)
+    with torch.no_grad():  # non-trivial biases: the key bias must cancel, the value bias not
+        for name, p in mha.named_parameters():
+            if "bias" in name:
+                p.normal_()
+    queries = torch.randn(num_meta, dim)
+    x = torch.randn(batch, grid[0] * grid[1], dim)
+    weights = (
+        queries,
+        mha.in_proj_weight,
+        mha.in_proj_bias,
+        mha.out_proj.weight,
+        mha.out_proj.bias,
+        heads,
+    )
+    weights = tuple(w.to(dtype) if isinstance(w, torch.Tensor) else w for w in weights)
+    return x.to(dtype), weights, mha
+
+
+def _expected(x, grid, stride, weights, mha):
+    meta = mha(weights[0].expand(x.shape[0], -1, -1), x, x, need_weights=False)[0]
+    image = x.view(x.shape[0], *grid, -1).permute(0, 3, 1, 2)
+    return meta, F.avg_pool2d(image, stride).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stride", [2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_multihead_attention_float32(backend, stride, bias):
+    x, weights, mha = _problem(bias=bias)
+    meta, pooled = fc.compress(x, (12, 8), stride, *weights, backend=backend)
+    want_meta, want_pooled = _expected(x, (12, 8), stride, weights, mha)
+    assert meta.shape == (3, 3, 48) and pooled.shape == (3, 96 // stride**2, 48)
+    torch.testing.assert_close(meta, want_meta, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, want_pooled, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_token_attention_alone(backend):
+    x, weights, mha = _problem(grid=(5, 7))  # T = 35: not a multiple of any tile
+    meta = fc.meta_token_attention(x, *weights, backend=backend)
+    torch.testing.assert_close(meta, _expected(x, (5, 7), 1, weights, mha)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_bfloat16_error_at_most_twice_torch(backend):
+    x, weights, _ = _problem(dim=64, heads=8, grid=(8, 8))
+    want = compress_reference(
+        x.double(), (8, 8), 2, *[w.double() if isinstance(w, torch.Tensor) else w for w in weights]
+    )
+    x16 = x.bfloat16()
+    w16 = tuple(w.bfloat16() if isinstance(w, torch.Tensor) else w for w in weights)
+    torch_bf16 = compress_reference(x16, (8, 8), 2, *w16)
+    ours = fc.compress(x16, (8, 8), 2, *w16, backend=backend)
+    for got, base, exact in zip(ours, torch_bf16, want, strict=True):
+        assert got.dtype == torch.bfloat16
+        err = (got.double() - exact).abs().max().item()
+        torch_err = (base.double() - exact).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
+    x, weights, mha = _problem()
+    wide = torch.cat([x, torch.randn_like(x)], dim=-1)[..., :48]
+    assert not wide.is_contiguous()
+    meta, pooled = fc.compress(wide, (12, 8), 2, *weights, backend=backend)
+    want_meta, want_pooled = _expected(x, (12, 8), 2, weights, mha)
+    torch.testing.assert_close(meta, want_meta, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, want_pooled, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_gradients_reach_every_weight(backend):
+    x, weights, _ = _problem(batch=2, grid=(8, 4))
+    leaves_a = [x.clone().requires_grad_()] + [
+        w.detach().clone().requires_grad_() if isinstance(w, torch.Tensor) else w for w in weights
+    ]
+    leaves_b = [x.clone().requires_grad_()] + [
+        w.detach().clone().requires_grad_() if isinstance(w, torch.Tensor) else w for w in weights
+    ]
+    meta_w, pool_w = torch.randn(2, 3, 48), torch.randn(2, 8, 48)
+    meta, pooled = fc.compress(leaves_a[0], (8, 4), 2, *leaves_a[1:], backend=backend)
+    ((meta * meta_w).sum() + (pooled * pool_w).sum()).backward()
+    meta, pooled = compress_reference(leaves_b[0], (8, 4), 2, *leaves_b[1:])
+    ((meta * meta_w).sum() + (pooled * pool_w).sum()).backward()
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        if isinstance(a, torch.Tensor):
+            assert a.grad is not None and a.grad.abs().sum() > 0
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_core_op_gradcheck_float64():
+    x = torch.randn(2, 16, 6, dtype=torch.float64, requires_grad=True)
+    folded = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, folded):
+        context, pooled = compress_mod._meta_context_pool_op(x, folded, 4, 4, 2, "cpu")
+        return context, pooled
+
+    assert torch.autograd.gradcheck(f, (x, folded))
+
+
+def test_opcheck_core_op():
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    folded = torch.randn(4, 8, requires_grad=True)
+    torch.library.opcheck(compress_mod._meta_context_pool_op, (x, folded, 4, 4, 2, "cpu"))
+    torch.library.opcheck(compress_mod._meta_context_pool_op, (x, folded, 0, 0, 0, "cpu"))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    model = UniCompressor(32, 4, (8, 8), stride=2, num_meta_tokens=4)
+    x = torch.randn(2, 64, 32)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled.meta, eager.meta)
+    torch.testing.assert_close(compiled.pooled, eager.pooled)
+
+
+def test_extractor_loads_multihead_attention_state_dict():
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    extractor = GlobalTokenExtractor(32, 4, num_tokens=4)
+    extractor.attn.load_state_dict(mha.state_dict())
+    assert set(extractor.state_dict()) == {"queries"} | {f"attn.{k}" for k in mha.state_dict()}
+    x = torch.randn(2, 20, 32)
+    want = mha(extractor.queries.expand(2, -1, -1), x, x)[0]
+    torch.testing.assert_close(extractor(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unicompressor_dual_representation():
+    quantizer = MultiCodebookQuantizer(8 * 64, 32, num_codebooks=8)
+    model = UniCompressor(32, 4, (8, 8), stride=2, num_meta_tokens=4, quantizer=quantizer)
+    x = torch.randn(2, 64, 32, requires_grad=True)
+    out = model(x)
+    assert model.num_compressed_tokens == 4 + 16
+    assert out.meta.shape == (2, 4, 32) and out.pooled.shape == (2, 16, 32)
+    assert out.quantized.indices.shape == (2, 20, 8) and out.quantized.z_q.shape == (2, 20, 32)
+    want = fc.mcq_search(torch.cat([out.meta, out.pooled], 1), quantizer.stacked_codebooks())
+    assert torch.equal(out.quantized.indices, want)
+    (out.quantized.z_q.sum() + out.quantized.vq_loss).backward()
+    assert x.grad is not None and model.extractor.queries.grad is not None
+    assert quantizer.codebooks[0].vocab_usage_record_times == 1
+
+
+@pytest.mark.parametrize(
+    "grid, stride, match",
+    [
+        ((10, 8), 4, "not divisible by stride 4"),
+        ((8, 8), 3, "stride must be 2 or 4"),
+        ((8, 9), 2, "grid 8x9 has 72"),
+        ((0, 8), 2, "positive sizes"),
+    ],
+)
+def test_bad_grid(grid, stride, match):
+    x, weights, _ = _problem(grid=(10, 8))
+    with pytest.raises(ValueError, match=match):
+        fc.compress(x, grid, stride, *weights)
+
+
+def test_bad_weights():
+    x, weights, _ = _problem()
+    q, w_in, b_in, w_out, b_out, heads = weights
+    with pytest.raises(ValueError, match=r"in_proj_weight must have shape \(144, 48\)"):
+        fc.compress(x, (12, 8), 2, q, w_in[:100], b_in, w_out, b_out, heads)
+    with pytest.raises(ValueError, match=r"queries must be \(N_g, d=48\)"):
+        fc.compress(x, (12, 8), 2, q[:, :40], w_in, b_in, w_out, b_out, heads)
+    with pytest.raises(ValueError, match="num_heads=5 must divide d=48"):
+        fc.compress(x, (12, 8), 2, q, w_in, b_in, w_out, b_out, 5)
+    with pytest.raises(TypeError, match="queries has dtype torch.float64"):
+        fc.compress(x, (12, 8), 2, q.double(), w_in, b_in, w_out, b_out, heads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_empty(backend):
+    x, weights, _ = _problem()
+    x[1, 5, 3] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        fc.compress(x, (12, 8), 2, *weights, backend=backend)
+    with pytest.raises(ValueError, match="empty batch"):
+        fc.compress(x[:0], (12, 8), 2, *weights, backend=backend)
