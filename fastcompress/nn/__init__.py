@@ -6,9 +6,12 @@ from fastcompress.nn.compress import (
     PoolingCompressor,
     UniCompressor,
 )
+from fastcompress.nn.decoder import ARDecompressor, DecoderBlock
 from fastcompress.nn.mcq import CodebookEntry, MultiCodebookQuantizer
 
 __all__ = [
+    "ARDecompressor",
+    "DecoderBlock",
     "CodebookEntry",
     "CompressedTokens",
     "GlobalTokenExtractor",

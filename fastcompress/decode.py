@@ -1,0 +1,208 @@
+"""Decode attention over a preallocated KV cache (UniCompress decompressor), with
+FlashAttention's ``flash_attn_with_kvcache`` conventions:
+
+q ``(B, Sq, H, D)``; caches ``(B, S_max, H_kv, D)`` (GQA: H % H_kv == 0); optional new
+``k``/``v`` ``(B, Sn, H_kv, D)`` appended in place at ``cache_seqlens`` (int, or int32
+``(B,)`` per sample); attention reads only the filled part ``cache_seqlens + Sn`` of each
+sample; ``causal`` aligns the Sq queries to the end of the filled part;
+``return_softmax_lse`` gives the natural-log LSE ``(B, H, Sq)``. Split-K over the cache
+with a log-sum-exp merge (``num_splits``; 0 chooses). The op
+``fastcompress::decode_attention`` declares both caches mutated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastcompress._backend import BackendUnavailableError, select_backend
+from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
+
+
+def merge_splits(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """``out (B, S, H, Sq, D)``, ``lse (B, S, H, Sq)`` per split -> merged ``(B, H, Sq, D)``,
+    ``(B, H, Sq)``. Splits that saw no key have lse = -inf and weight 0."""
+    total = torch.logsumexp(lse, dim=1)
+    safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    weight = torch.exp(lse - safe.unsqueeze(1)).nan_to_num(0.0)
+    return (out * weight.unsqueeze(-1)).sum(1), total
+
+
+def _attend_torch(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lengths: Tensor,
+    scale: float,
+    causal: bool,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    """Reference math: per-split outputs and LSE (the same merge as the GPU kernel)."""
+    batch, sq, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    # On CPU read only the filled part (one host read of the lengths); on GPU mask the full
+    # cache instead, so a decode step has no host sync and can be captured in a graph.
+    span = int(lengths.max()) if q.device.type == "cpu" else k_cache.shape[1]
+    keys = k_cache[:, :span].float().permute(0, 2, 3, 1)  # (B, H_kv, D, S)
+    values = v_cache[:, :span].float().transpose(1, 2)  # (B, H_kv, S, D)
+    queries = q.float().permute(0, 2, 1, 3).reshape(batch, kv_heads, group * sq, dim)
+    scores = torch.matmul(queries, keys) * scale  # (B, H_kv, group*Sq, S)
+    position = torch.arange(span, device=q.device)
+    limit = lengths.view(batch, 1, 1, 1).long() - 1
+    if causal:
+        query = torch.arange(sq, device=q.device).repeat(group).view(1, 1, -1, 1)
+        limit = lengths.view(batch, 1, 1, 1).long() - sq + query
+    visible = position.view(1, 1, 1, -1) <= limit
+    scores = scores.masked_fill(~visible, float("-inf"))
+    chunk = math.ceil(span / num_splits) if span else 1
+    outs, lses = [], []
+    for s0 in range(0, max(span, 1), chunk):
+        part = scores[..., s0 : s0 + chunk]
+        lse = torch.logsumexp(part, dim=-1)  # -inf where no visible key
+        probs = torch.exp(part - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+        outs.append(torch.matmul(probs, values[:, :, s0 : s0 + chunk]))
+        lses.append(lse)
+    while len(outs) < num_splits:  # splits past the filled part
+        outs.append(torch.zeros_like(outs[0]))
+        lses.append(torch.full_like(lses[0], float("-inf")))
+    out = torch.stack(outs, 1).view(batch, num_splits, kv_heads, group, sq, dim)
+    lse = torch.stack(lses, 1).view(batch, num_splits, kv_heads, group, sq)
+    return out.reshape(batch, num_splits, heads, sq, dim), lse.reshape(batch, num_splits, heads, sq)
+
+
+@torch.library.custom_op("fastcompress::decode_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_op(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None,
+    v: Tensor | None,
+    cache_seqlens: Tensor,
+    softmax_scale: float,
+    causal: bool,
+    num_splits: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    batch, sq, heads, dim = q.shape
+    s_max = k_cache.shape[1]
+    new = 0 if k is None else k.shape[1]
+    lengths = cache_seqlens.to(torch.int32) + new
+    if q.device.type == "cpu":  # data-dependent checks; on GPU they would sync every step
+        if int(cache_seqlens.min()) < 0 or int(lengths.max()) > s_max:
+            raise ValueError(
+                f"cache_seqlens + new tokens must lie in [0, S_max={s_max}]: "
+                f"got lengths up to {int(lengths.max())} (too many steps for "
+                f"the cache?)"
+            )
+        check_finite("q", q)
+    if k is not None:
+        rows = torch.arange(batch, device=q.device).unsqueeze(1)
+        slots = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=q.device)
+        k_cache[rows, slots] = k.to(k_cache.dtype)
+        v_cache[rows, slots] = v.to(v_cache.dtype)
+    name = select_backend(q.device, backend, op="decode_attention")
+    splits = num_splits if num_splits > 0 else _auto_splits(batch, k_cache.shape[2], s_max)
+    if name == "triton":
+        from fastcompress.triton_kernels.decode_attention import decode_attention_triton
+
+        parts = decode_attention_triton(
+            q.contiguous(), k_cache, v_cache, lengths, softmax_scale, causal, splits
+        )
+    elif name == "cuda":
+        raise BackendUnavailableError("decode_attention: no CUDA C++ kernel; use 'triton'")
+    else:
+        parts = _attend_torch(q, k_cache, v_cache, lengths, softmax_scale, causal, splits)
+    out, lse = merge_splits(*parts)
+    return out.transpose(1, 2).to(q.dtype), lse
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, num_splits, backend):
+    batch, sq, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads, sq), dtype=torch.float32)
+
+
+def _auto_splits(batch: int, kv_heads: int, s_max: int, target_programs: int = 264) -> int:
+    """Split-K only when batch x heads cannot fill the GPU; at least 256 keys per split."""
+    return max(1, min(target_programs // max(batch * kv_heads, 1), s_max // 256, 32))
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    cache_seqlens: int | Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of ``q (B, Sq, H, D)`` over a KV cache ``(B, S_max, H_kv, D)``.
+
+    New ``k``/``v`` ``(B, Sn, H_kv, D)`` are written into the caches in place at
+    ``cache_seqlens`` (default 0); then each sample attends to its first
+    ``cache_seqlens + Sn`` cache entries. Returns ``out (B, Sq, H, D)`` in q.dtype and,
+    with ``return_softmax_lse``, ``lse (B, H, Sq)`` float32 (natural log).
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    batch, sq, heads, dim = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != dim:
+        raise ValueError(
+            f"k_cache and v_cache must both be (B={batch}, S_max, H_kv, D={dim}), "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if heads % k_cache.shape[2]:
+        raise ValueError(
+            f"q has H={heads} heads, not a multiple of the caches' H_kv={k_cache.shape[2]}"
+        )
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must share strides with a contiguous last dim")
+    check_same("k_cache", k_cache, "v_cache", v_cache)
+    if k_cache.device != q.device:
+        raise ValueError(f"k_cache is on {k_cache.device} but q is on {q.device}")
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v, or neither")
+    if k is not None:
+        for name, new in (("k", k), ("v", v)):
+            check_tensor(name, new, ndim=4, dtypes=FLOAT_DTYPES)
+            if new.shape[0] != batch or new.shape[2:] != k_cache.shape[2:]:
+                raise ValueError(
+                    f"{name} must be (B={batch}, Sn, H_kv={k_cache.shape[2]}, "
+                    f"D={dim}), got {tuple(new.shape)}"
+                )
+    if causal and k is not None and k.shape[1] < sq:
+        raise ValueError("causal with new k/v needs Sn >= Sq")
+    if cache_seqlens is None:
+        cache_seqlens = 0
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
+    if cache_seqlens.shape[0] != batch or cache_seqlens.device != q.device:
+        raise ValueError(
+            f"cache_seqlens must be (B={batch},) on {q.device}, got "
+            f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}"
+        )
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be >= 0, got {num_splits}")
+    scale = softmax_scale if softmax_scale is not None else dim**-0.5
+    out, lse = _decode_attention_op(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        cache_seqlens,
+        float(scale),
+        bool(causal),
+        int(num_splits),
+        backend or "",
+    )
+    return (out, lse) if return_softmax_lse else out

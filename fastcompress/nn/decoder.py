@@ -1,0 +1,237 @@
+"""UniCompress decompressor: an autoregressive Transformer decoder that regenerates the
+dense token grid from the compact context ``[G; X_hat]``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastcompress.decode import decode_attention
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: causal self-attention, cross-attention to the context, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"heads={heads} must divide dim={dim}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.cross_q, self.cross_kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.cross_proj = nn.Linear(dim, dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, Lc, dim)`` -> cross-attention keys and values, each ``(B, Lc, H, D)``."""
+        batch, length, _ = context.shape
+        kv = self.cross_kv(context).view(batch, length, 2, self.heads, self.head_dim)
+        return kv[:, :, 0].contiguous(), kv[:, :, 1].contiguous()
+
+    def forward(self, x: Tensor, ctx_k: Tensor, ctx_v: Tensor) -> Tensor:
+        """Teacher forcing: all positions in parallel with a causal mask."""
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, -1).unbind(2)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        x = x + self.proj(attn.transpose(1, 2).reshape(batch, length, dim))
+        q = self.cross_q(self.norm2(x)).view(batch, length, self.heads, -1)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), ctx_k.transpose(1, 2), ctx_v.transpose(1, 2)
+        )
+        x = x + self.cross_proj(attn.transpose(1, 2).reshape(batch, length, dim))
+        return x + self.mlp(self.norm3(x))
+
+    def step(
+        self,
+        x: Tensor,
+        cache_k: Tensor,
+        cache_v: Tensor,
+        position: Tensor,
+        ctx_k: Tensor,
+        ctx_v: Tensor,
+        ctx_len: Tensor,
+        backend: str | None,
+    ) -> Tensor:
+        """One decode step: ``x (B, 1, dim)``; its k/v are written at ``position``."""
+        batch, _, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, 1, 3, self.heads, -1).unbind(2)
+        attn = decode_attention(q, cache_k, cache_v, k, v, cache_seqlens=position, backend=backend)
+        x = x + self.proj(attn.reshape(batch, 1, dim))
+        q = self.cross_q(self.norm2(x)).view(batch, 1, self.heads, -1)
+        attn = decode_attention(q, ctx_k, ctx_v, cache_seqlens=ctx_len, backend=backend)
+        x = x + self.cross_proj(attn.reshape(batch, 1, dim))
+        return x + self.mlp(self.norm3(x))
+
+
+class ARDecompressor(nn.Module):
+    """Regenerates ``num_tokens`` dense tokens in raster order from a compact context.
+
+    Parameters
+    ----------
+    dim : token width (of the dense tokens and the model).
+    depth, heads : number of blocks and attention heads.
+    num_tokens : T, the dense grid size (e.g. 1024 for 32 x 32); learned positions.
+    context_dim : width of the context tokens if not ``dim`` (a projection is added).
+
+    ``forward(tokens (B, T, dim), context (B, Lc, context_dim)) -> (B, T, dim)``: the
+    prediction of token t from the start token and tokens < t (teacher forcing).
+    ``generate(context) -> (B, T, dim)``: the same predictions, one token at a time,
+    each fed back (optionally re-quantised) as the next input.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        num_tokens: int,
+        context_dim: int | None = None,
+        mlp_ratio: float = 4.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim, self.num_tokens, self.backend = dim, num_tokens, backend
+        self.context_dim = context_dim or dim
+        self.start = nn.Parameter(torch.randn(dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(num_tokens, dim) * 0.02)
+        self.context_proj = (
+            nn.Linear(self.context_dim, dim) if self.context_dim != dim else nn.Identity()
+        )
+        self.blocks = nn.ModuleList(DecoderBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, dim)
+        self.last_cache_bytes = 0
+
+    def _check_context(self, context: Tensor) -> None:
+        if context.dim() != 3 or context.shape[-1] != self.context_dim or context.shape[1] == 0:
+            raise ValueError(
+                f"context must be (B, Lc > 0, {self.context_dim}), got {tuple(context.shape)}"
+            )
+
+    def context_kv(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
+        ctx = self.context_proj(context)
+        return [block.context_kv(ctx) for block in self.blocks]
+
+    def forward(self, tokens: Tensor, context: Tensor) -> Tensor:
+        self._check_context(context)
+        batch, length, dim = tokens.shape
+        if dim != self.dim or length > self.num_tokens or context.shape[0] != batch:
+            raise ValueError(
+                f"tokens must be (B={context.shape[0]}, T <= {self.num_tokens}, "
+                f"{self.dim}), got {tuple(tokens.shape)}"
+            )
+        start = self.start.expand(batch, 1, dim)
+        x = torch.cat([start, tokens[:, :-1]], dim=1) + self.pos[:length]
+        for block, (ctx_k, ctx_v) in zip(self.blocks, self.context_kv(context), strict=True):
+            x = block(x, ctx_k, ctx_v)
+        return self.head(self.norm(x))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        context: Tensor,
+        num_tokens: int | None = None,
+        quantize: Callable[[Tensor], Tensor] | None = None,
+        use_cuda_graph: bool = False,
+        progress: bool = False,
+    ) -> Tensor:
+        """Autoregressive decoding with a preallocated self-attention cache per layer and
+        the cross-attention K/V computed once. ``quantize`` maps each generated token
+        ``(B, 1, dim)`` to what is fed back (e.g. ``lambda y: quantizer(y)[0]``)."""
+        self._check_context(context)
+        steps = self.num_tokens if num_tokens is None else num_tokens
+        if not 0 < steps <= self.num_tokens:
+            raise ValueError(
+                f"num_tokens must be in [1, {self.num_tokens}] (the position "
+                f"table and cache size), got {steps}"
+            )
+        batch, device = context.shape[0], context.device
+        dtype = self.pos.dtype
+        block0 = self.blocks[0]
+        caches = [
+            (
+                torch.zeros(
+                    batch, steps, block0.heads, block0.head_dim, device=device, dtype=dtype
+                ),
+                torch.zeros(
+                    batch, steps, block0.heads, block0.head_dim, device=device, dtype=dtype
+                ),
+            )
+            for _ in self.blocks
+        ]
+        # Preallocated once: layers x 2 x B x T x dim elements, no growth per step.
+        self.last_cache_bytes = sum(k.nbytes + v.nbytes for k, v in caches)
+        cross = self.context_kv(context)
+        ctx_len = torch.full((batch,), context.shape[1], dtype=torch.int32, device=device)
+        position = torch.zeros(batch, dtype=torch.int32, device=device)
+        x = (self.start + self.pos[0]).expand(batch, 1, self.dim).contiguous()
+
+        def step(x: Tensor, position: Tensor) -> Tensor:
+            for block, (cache_k, cache_v), (ctx_k, ctx_v) in zip(
+                self.blocks, caches, cross, strict=True
+            ):
+                x = block.step(x, cache_k, cache_v, position, ctx_k, ctx_v, ctx_len, self.backend)
+            return self.head(self.norm(x))
+
+        if use_cuda_graph and device.type == "cuda":
+            step = _cuda_graph_step(step, x, position)
+        out = torch.empty(batch, steps, self.dim, device=device, dtype=dtype)
+        iterator = range(steps)
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, desc="generate", unit="tok")
+        for t in iterator:
+            position.fill_(t)
+            y = step(x, position)
+            if quantize is not None:
+                y = quantize(y)
+            out[:, t] = y[:, 0]
+            if t + 1 < steps:
+                x = (y + self.pos[t + 1]).contiguous()
+        return out
+
+    @torch.no_grad()
+    def generate_reference(
+        self,
+        context: Tensor,
+        num_tokens: int | None = None,
+        quantize: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """No cache: recompute the whole prefix with ``forward`` at every step (the
+        oracle for ``generate``; its cost grows quadratically)."""
+        steps = self.num_tokens if num_tokens is None else num_tokens
+        batch = context.shape[0]
+        out = context.new_zeros(batch, steps, self.dim)
+        for t in range(steps):
+            y = self.forward(out[:, : t + 1], context)[:, t : t + 1]
+            out[:, t] = (quantize(y) if quantize is not None else y)[:, 0]
+        return out
+
+
+def _cuda_graph_step(step: Callable, x: Tensor, position: Tensor) -> Callable:
+    """Capture one decode step in a CUDA graph; replays read the static ``x`` and
+    ``position`` buffers (updated in place) and return the static output."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph (allocations, autotune)
+        step(static_x, position)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_x, position)
+
+    def replay(x: Tensor, position_now: Tensor) -> Tensor:
+        static_x.copy_(x)
+        graph.replay()
+        return static_out
+
+    return replay
