@@ -123,14 +123,27 @@ def kernel_configs():
     # ARDecompressor (dim 512, 8 heads: D = 64) and an LLM-like GQA shape (32 / 8 x 128).
     for heads, kv_heads, dim in ((8, 8, 64), (32, 8, 128)):
         for dtype in ("fp32", "bf16"):
-            sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}",
-                   "lengths_ptr": "*i32", "out_ptr": "*fp32", "lse_ptr": "*fp32",
-                   "s_max": "i32", "chunk": "i32", "scale": "fp32"}
+            sig = {
+                "q_ptr": f"*{dtype}",
+                "k_ptr": f"*{dtype}",
+                "v_ptr": f"*{dtype}",
+                "lengths_ptr": "*i32",
+                "out_ptr": "*fp32",
+                "lse_ptr": "*fp32",
+                "s_max": "i32",
+                "chunk": "i32",
+                "scale": "fp32",
+            }
             sig.update({f"{t}_stride_{a}": "i32" for t in "qk" for a in "bsh"})
-            configs.append((f"decode_attention H={heads}/{kv_heads} D={dim} {dtype}",
-                            decode.decode_attention_kernel, sig,
-                            launch_constexprs(heads, kv_heads, 1, dim, False),
-                            dict(num_warps=num_warps_for(dim), num_stages=2)))
+            configs.append(
+                (
+                    f"decode_attention H={heads}/{kv_heads} D={dim} {dtype}",
+                    decode.decode_attention_kernel,
+                    sig,
+                    launch_constexprs(heads, kv_heads, 1, dim, False),
+                    dict(num_warps=num_warps_for(dim), num_stages=2),
+                )
+            )
     return configs
 
 
