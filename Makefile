@@ -1,10 +1,10 @@
-# fastcompress: `make main` runs the main job, `make test` the test suite. Both install
+# fastcompress: `make main` runs the main job (the demo), `make test` the test suite. Both install
 # what is missing first; the torch pin keeps the CPU build (no CUDA packages).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install main test checkstyle format bench bench-gpu clean
+.PHONY: install main test checkstyle format bench bench-cli clean
 
 install:
 	$(PIP) install -q torch==2.13.0
@@ -16,6 +16,9 @@ sys.exit(os.path.dirname(fastcompress.__path__[0]) != os.getcwd())" 2>/dev/null 
 
 main: install
 	fastcompress info
+	fastcompress demo
+
+bench-cli: install
 	fastcompress bench
 
 test: install
@@ -37,4 +40,4 @@ bench: install
 		--benchmark-columns=median,rounds
 
 clean:
-	rm -rf build *.egg-info fastcompress/*.so bench-results .benchmarks
+	rm -rf build *.egg-info fastcompress/*.so bench-results demo-results .benchmarks

@@ -1,4 +1,4 @@
-"""``fastcompress`` command line: ``info`` (environment, backends) and ``bench``."""
+"""``fastcompress`` command line: ``demo`` (the main job), ``info``, ``bench``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,21 @@ def cmd_bench(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_demo(args) -> int:
+    from fastcompress.demo import format_report, run_demo
+    from fastcompress.pipeline import StackConfig
+
+    torch.set_num_threads(args.threads)
+    config = StackConfig(dim=args.dim, grid=(args.grid, args.grid), depth=args.depth)
+    print(
+        f"UniCompress stack on synthetic {args.grid}x{args.grid} token grids, dim {args.dim}, "
+        f"{args.threads} threads"
+    )
+    report = run_demo(args.steps, args.batch, config, args.out, args.seed, not args.quiet)
+    print(format_report(report))
+    return 0 if report["fast_vs_reference_max_abs_diff"] < 1e-3 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastcompress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="bench-results", help="folder for the JSON and PNG")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(fn=cmd_bench)
+    demo = sub.add_parser("demo", help="train, compress, quantise, regenerate; report + plot")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--batch", type=int, default=16)
+    demo.add_argument("--dim", type=int, default=64)
+    demo.add_argument("--grid", type=int, default=16)
+    demo.add_argument("--depth", type=int, default=2)
+    demo.add_argument("--threads", type=int, default=2)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="demo-results")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(fn=cmd_demo)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -79,6 +79,10 @@ class ARDecompressor(nn.Module):
     depth, heads : number of blocks and attention heads.
     num_tokens : T, the dense grid size (e.g. 1024 for 32 x 32); learned positions.
     context_dim : width of the context tokens if not ``dim`` (a projection is added).
+    local_grid, local_stride, num_meta_tokens : optional local evidence. With the dense
+        ``local_grid = (H, W)`` and a context laid out as ``[G (num_meta_tokens);
+        X_hat (H/s * W/s, row-major)]``, position t's input also gets a learned projection
+        of the pooled token of its own s x s cell (cross-attention still sees everything).
 
     ``forward(tokens (B, T, dim), context (B, Lc, context_dim)) -> (B, T, dim)``: the
     prediction of token t from the start token and tokens < t (teacher forcing).
@@ -95,6 +99,9 @@ class ARDecompressor(nn.Module):
         context_dim: int | None = None,
         mlp_ratio: float = 4.0,
         backend: str | None = None,
+        local_grid: tuple[int, int] | None = None,
+        local_stride: int = 2,
+        num_meta_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.dim, self.num_tokens, self.backend = dim, num_tokens, backend
@@ -108,6 +115,22 @@ class ARDecompressor(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, dim)
         self.last_cache_bytes = 0
+        self.local_proj = None
+        if local_grid is not None:
+            height, width = local_grid
+            if height * width != num_tokens or height % local_stride or width % local_stride:
+                raise ValueError(
+                    f"local_grid {local_grid} must have num_tokens={num_tokens} "
+                    f"cells and be divisible by local_stride={local_stride}"
+                )
+            row = torch.arange(height).repeat_interleave(width) // local_stride
+            col = torch.arange(width).repeat(height) // local_stride
+            self.register_buffer(
+                "local_index",
+                num_meta_tokens + row * (width // local_stride) + col,
+                persistent=False,
+            )
+            self.local_proj = nn.Linear(dim, dim)
 
     def _check_context(self, context: Tensor) -> None:
         if context.dim() != 3 or context.shape[-1] != self.context_dim or context.shape[1] == 0:
@@ -119,6 +142,17 @@ class ARDecompressor(nn.Module):
         ctx = self.context_proj(context)
         return [block.context_kv(ctx) for block in self.blocks]
 
+    def local_evidence(self, context: Tensor) -> Tensor | None:
+        """``(B, T, dim)``: the projected pooled token of each position's cell, or None."""
+        if self.local_proj is None:
+            return None
+        if context.shape[1] <= int(self.local_index.max()):
+            raise ValueError(
+                f"context has {context.shape[1]} tokens; local evidence needs "
+                f"{int(self.local_index.max()) + 1} ([G; X_hat])"
+            )
+        return self.local_proj(self.context_proj(context)[:, self.local_index])
+
     def forward(self, tokens: Tensor, context: Tensor) -> Tensor:
         self._check_context(context)
         batch, length, dim = tokens.shape
@@ -129,6 +163,9 @@ class ARDecompressor(nn.Module):
             )
         start = self.start.expand(batch, 1, dim)
         x = torch.cat([start, tokens[:, :-1]], dim=1) + self.pos[:length]
+        local = self.local_evidence(context)
+        if local is not None:
+            x = x + local[:, :length]
         for block, (ctx_k, ctx_v) in zip(self.blocks, self.context_kv(context), strict=True):
             x = block(x, ctx_k, ctx_v)
         return self.head(self.norm(x))
@@ -171,7 +208,10 @@ class ARDecompressor(nn.Module):
         cross = self.context_kv(context)
         ctx_len = torch.full((batch,), context.shape[1], dtype=torch.int32, device=device)
         position = torch.zeros(batch, dtype=torch.int32, device=device)
-        x = (self.start + self.pos[0]).expand(batch, 1, self.dim).contiguous()
+        local = self.local_evidence(context)
+        if local is None:
+            local = context.new_zeros(batch, steps, self.dim)
+        x = (self.start + self.pos[0] + local[:, :1]).contiguous()
 
         def step(x: Tensor, position: Tensor) -> Tensor:
             for block, (cache_k, cache_v), (ctx_k, ctx_v) in zip(
@@ -195,7 +235,7 @@ class ARDecompressor(nn.Module):
                 y = quantize(y)
             out[:, t] = y[:, 0]
             if t + 1 < steps:
-                x = (y + self.pos[t + 1]).contiguous()
+                x = (y + self.pos[t + 1] + local[:, t + 1 : t + 2]).contiguous()
         return out
 
     @torch.no_grad()
