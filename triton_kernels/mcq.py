@@ -20,12 +20,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-NORM_EPS = 1e-12
 # Shipped launch configuration, also what the ahead-of-time compile tests check. 64x64
 # tiles with 8 warps: 180 registers, no spills on sm_80 / sm_90 (64x128 with 4 warps
 # spilled 812 bytes on sm_80). Not yet tuned on a GPU (see benchmarks/NOTES.md).
 FORWARD_CONFIG = dict(BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
 BACKWARD_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def load_chunks(z_ptr, offs, mask, NORMALIZE: tl.constexpr):
+    """A (rows, D_PAD) tile of z chunks in float32, divided by max(|z|, eps) as
+    F.normalize does when NORMALIZE, and the chunks' norms."""
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.sum(z * z, axis=1))
+    if NORMALIZE:
+        z = z / tl.maximum(norm, 1e-12)[:, None]
+    return z, norm
 
 
 @triton.jit
@@ -55,10 +65,7 @@ def mcq_forward_kernel(
     lanes = tl.arange(0, D_PAD)
     lane_ok = lanes < D
     z_offs = rows[:, None].to(tl.int64) * channels + g * D + lanes[None, :]
-    z = tl.load(z_ptr + z_offs, mask=row_ok[:, None] & lane_ok[None, :], other=0.0).to(tl.float32)
-    if NORMALIZE:
-        norm = tl.sqrt(tl.sum(z * z, axis=1))
-        z = z / tl.maximum(norm, 1e-12)[:, None]
+    z, _ = load_chunks(z_ptr, z_offs, row_ok[:, None] & lane_ok[None, :], NORMALIZE)
     z_aug = tl.where(lanes[None, :] == D, 1.0, z)
 
     book = book_ptr + g.to(tl.int64) * vocab * D
@@ -120,11 +127,8 @@ def mcq_backward_kernel(
     lanes = tl.arange(0, D_PAD)
     mask2 = row_ok[:, None] & (lanes < D)[None, :]
     offs = rows[:, None].to(tl.int64) * channels + g * D + lanes[None, :]
-    z = tl.load(z_ptr + offs, mask=mask2, other=0.0).to(tl.float32)
-    if NORMALIZE:
-        norm = tl.sqrt(tl.sum(z * z, axis=1))
-        denom = tl.maximum(norm, 1e-12)
-        z = z / denom[:, None]
+    z, norm = load_chunks(z_ptr, offs, mask2, NORMALIZE)
+    denom = tl.maximum(norm, 1e-12)
     idx = tl.load(idx_ptr + rows.to(tl.int64) * groups + g, mask=row_ok, other=0).to(tl.int32)
     book = book_ptr + g.to(tl.int64) * vocab * D
     q = tl.load(book + idx[:, None] * D + lanes[None, :], mask=mask2, other=0.0)
@@ -204,9 +208,9 @@ def mcq_backward_triton(
     """Gradients of ``mcq_quantize`` into ``z (N, C)`` and ``codebooks (G, K, d)``."""
     groups, vocab, dim = codebooks.shape
     n = z.shape[0]
-    raw = codebooks.float()
-    norm = raw.norm(dim=-1, keepdim=True)
-    book = (raw / norm.clamp_min(NORM_EPS)) if normalize else raw
+    from fastcompress.mcq import _normalize_backward, _split_norm
+
+    book, norm = _split_norm(codebooks.float(), normalize)
     book = book.contiguous()
     grad_z = torch.empty_like(z)
     grad_rows = torch.zeros_like(book)
@@ -233,9 +237,5 @@ def mcq_backward_triton(
             num_stages=BACKWARD_CONFIG["num_stages"],
         )
     if normalize:
-        unit = book
-        through = (grad_rows - unit * (unit * grad_rows).sum(-1, keepdim=True)) / norm.clamp_min(
-            NORM_EPS
-        )
-        grad_rows = torch.where(norm >= NORM_EPS, through, grad_rows / NORM_EPS)
+        grad_rows = _normalize_backward(grad_rows, book, norm)
     return grad_z, grad_rows.to(codebooks.dtype)
