@@ -73,6 +73,21 @@ def _attend_torch(
     return out.reshape(batch, num_splits, heads, sq, dim), lse.reshape(batch, num_splits, heads, sq)
 
 
+def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, seqlens: Tensor) -> None:
+    """Write the new keys and values at each sample's length, in place."""
+    new = k.shape[1]
+    if seqlens.device.type == "cpu":
+        lo, hi = int(seqlens.min()), int(seqlens.max())
+        if lo == hi:  # one length for the whole batch (every generate step): a slice copy
+            k_cache[:, lo : lo + new] = k
+            v_cache[:, lo : lo + new] = v
+            return
+    rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)
+    slots = seqlens.long().unsqueeze(1) + torch.arange(new, device=k.device)
+    k_cache[rows, slots] = k.to(k_cache.dtype)
+    v_cache[rows, slots] = v.to(v_cache.dtype)
+
+
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -141,10 +156,7 @@ def _decode_attention_impl(
             )
         check_finite("q", q)
     if k is not None:
-        rows = torch.arange(batch, device=q.device).unsqueeze(1)
-        slots = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=q.device)
-        k_cache[rows, slots] = k.to(k_cache.dtype)
-        v_cache[rows, slots] = v.to(v_cache.dtype)
+        _append(k_cache, v_cache, k, v, cache_seqlens)
     name = select_backend(q.device, backend, op="decode_attention")
     if num_splits > 0:
         splits = num_splits
