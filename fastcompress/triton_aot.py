@@ -144,6 +144,31 @@ def kernel_configs():
                     dict(num_warps=num_warps_for(dim), num_stages=2),
                 )
             )
+    from fastcompress.triton_kernels import voco
+
+    # HTC-VLM benchmark shape: 32 heads x 128 (and GQA 32 / 8).
+    for heads, kv_heads in ((32, 32), (32, 8)):
+        for dtype in ("fp32", "bf16"):
+            sig = {
+                "q_ptr": f"*{dtype}",
+                "k_ptr": f"*{dtype}",
+                "v_ptr": f"*{dtype}",
+                "out_ptr": f"*{dtype}",
+            }
+            sig.update(
+                {n: "i32" for n in ("row_start", "row_end", "a0", "a1", "b0", "b1", "c0", "c1")}
+            )
+            sig["scale"] = "fp32"
+            sig.update({f"{t}_stride_{a}": "i32" for t in "qko" for a in "bhl"})
+            configs.append(
+                (
+                    f"voco segment_attention H={heads}/{kv_heads} D=128 {dtype}",
+                    voco.segment_attention_kernel,
+                    sig,
+                    voco.launch_constexprs(heads, kv_heads, 128),
+                    dict(num_warps=voco.NUM_WARPS, num_stages=2),
+                )
+            )
     return configs
 
 

@@ -8,6 +8,7 @@ from fastcompress.nn.compress import (
 )
 from fastcompress.nn.decoder import ARDecompressor, DecoderBlock
 from fastcompress.nn.mcq import CodebookEntry, MultiCodebookQuantizer
+from fastcompress.nn.voco import HybridAnchorProjector, assemble_hybrid_sequence
 
 __all__ = [
     "ARDecompressor",
@@ -15,7 +16,9 @@ __all__ = [
     "CodebookEntry",
     "CompressedTokens",
     "GlobalTokenExtractor",
+    "HybridAnchorProjector",
     "MultiCodebookQuantizer",
     "PoolingCompressor",
     "UniCompressor",
+    "assemble_hybrid_sequence",
 ]

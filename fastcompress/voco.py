@@ -1,0 +1,292 @@
+"""HTC-VLM hybrid tokens and the VoCo bottleneck: decoupled-mask attention.
+
+Sequence: ``[prefix; hybrid (anchors + patches); <voco> x n_voco; text]``. Mask (True =
+may attend):
+
+- prefix rows: causal over the prefix;
+- hybrid rows: ``"isolated"`` (HTC-VLM): each sees itself only; ``"causal"``
+  (VoCo-LLaMA): the prefix and the hybrid tokens up to itself;
+- ``<voco>`` rows: the prefix, every hybrid token, and ``<voco>`` up to itself;
+- text rows: the prefix, every ``<voco>``, and text up to itself (never the hybrids).
+
+``voco_attention`` exploits the structure instead of masking an ``L x L`` matrix:
+isolated hybrid rows return their own value (softmax over one key), and every other
+region attends to at most three contiguous key segments, the last one causal. After
+prefill the text needs only prefix + ``<voco>`` + text keys: ``compact_kv_cache``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastcompress._backend import BackendUnavailableError, select_backend
+from fastcompress._validate import FLOAT_DTYPES, check_finite, check_tensor
+
+HYBRID_MODES = ("isolated", "causal")
+
+
+@dataclasses.dataclass(frozen=True)
+class VocoLayout:
+    """Token counts of ``[prefix; hybrid; voco; text]`` and the hybrid mask mode."""
+
+    n_prefix: int
+    n_hybrid: int
+    n_voco: int
+    n_text: int
+    hybrid: str = "isolated"
+
+    def __post_init__(self) -> None:
+        for name in ("n_prefix", "n_hybrid", "n_voco", "n_text"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
+        if self.hybrid not in HYBRID_MODES:
+            raise ValueError(f"hybrid must be one of {HYBRID_MODES}, got {self.hybrid!r}")
+
+    @property
+    def length(self) -> int:
+        return self.n_prefix + self.n_hybrid + self.n_voco + self.n_text
+
+    @property
+    def hybrid_start(self) -> int:
+        return self.n_prefix
+
+    @property
+    def voco_start(self) -> int:
+        return self.n_prefix + self.n_hybrid
+
+    @property
+    def text_start(self) -> int:
+        return self.voco_start + self.n_voco
+
+    def regions(self) -> list[tuple[int, int, tuple[tuple[int, int], ...], tuple[int, int]]]:
+        """``(row_start, row_end, full_key_segments, causal_key_segment)`` per region with
+        attention; isolated hybrid rows are absent (they return their own value)."""
+        p, h, v, t = self.hybrid_start, self.voco_start, self.text_start, self.length
+        out = []
+        if self.n_prefix:
+            out.append((0, p, (), (0, p)))
+        if self.n_hybrid and self.hybrid == "causal":
+            out.append((p, h, ((0, p),), (p, h)))
+        if self.n_voco:
+            out.append((h, v, ((0, h),), (h, v)))
+        if self.n_text:
+            out.append((v, t, ((0, p), (h, v)), (v, t)))
+        return out
+
+
+def _visible(layout: VocoLayout, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """The mask predicate on broadcastable index tensors (shared by mask and mask_mod)."""
+    p, h, v = layout.hybrid_start, layout.voco_start, layout.text_start
+    causal = kv_idx <= q_idx
+    q_prefix, k_prefix = q_idx < p, kv_idx < p
+    q_hybrid, k_hybrid = (q_idx >= p) & (q_idx < h), (kv_idx >= p) & (kv_idx < h)
+    q_voco, k_voco = (q_idx >= h) & (q_idx < v), (kv_idx >= h) & (kv_idx < v)
+    q_text, k_text = q_idx >= v, kv_idx >= v
+    if layout.hybrid == "isolated":
+        hybrid_rows = q_hybrid & (kv_idx == q_idx)
+    else:
+        hybrid_rows = q_hybrid & (k_prefix | (k_hybrid & causal))
+    return (
+        (q_prefix & k_prefix & causal)
+        | hybrid_rows
+        | (q_voco & (k_prefix | k_hybrid | (k_voco & causal)))
+        | (q_text & (k_prefix | k_voco | (k_text & causal)))
+    )
+
+
+def voco_mask(
+    n_prefix: int,
+    n_hybrid: int,
+    n_voco: int,
+    n_text: int,
+    hybrid: str = "isolated",
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Dense boolean mask ``(L, L)``, True where a query row may attend to a key."""
+    layout = VocoLayout(n_prefix, n_hybrid, n_voco, n_text, hybrid)
+    idx = torch.arange(layout.length, device=device)
+    return _visible(layout, idx[:, None], idx[None, :])
+
+
+def voco_mask_mod(layout: VocoLayout):
+    """``mask_mod(b, h, q_idx, kv_idx)`` for ``torch.nn.attention.flex_attention``."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return _visible(layout, q_idx, kv_idx)
+
+    return mask_mod
+
+
+def voco_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: VocoLayout) -> Tensor:
+    """``scaled_dot_product_attention`` with the dense mask (the oracle)."""
+    mask = voco_mask(
+        layout.n_prefix,
+        layout.n_hybrid,
+        layout.n_voco,
+        layout.n_text,
+        layout.hybrid,
+        device=q.device,
+    )
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+def _segment_attention_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rows: tuple[int, int],
+    full: tuple[tuple[int, int], ...],
+    causal: tuple[int, int],
+    scale: float,
+) -> Tensor:
+    """Rows ``[r0, r1)`` over the full segments plus the causal segment (key j visible to
+    row i when j <= i). Scores per key span by batched matmul on slices of k and v, which
+    stay contiguous per (batch, head), so no key or value is copied (SDPA copied the
+    <voco> row's 581 keys: 150 MB at batch 8); only the small score matrix is built."""
+    r0, r1 = rows
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    # GQA: the query heads of a group become extra rows of one kv head.
+    queries = q[:, :, r0:r1].float().reshape(batch, kv_heads, group * (r1 - r0), dim)
+    spans = _merge_adjacent([seg for seg in full if seg[1] > seg[0]] + [causal])
+    scores = (
+        torch.cat(
+            [torch.matmul(queries, k[:, :, a:b].float().transpose(-1, -2)) for a, b in spans],
+            dim=-1,
+        )
+        * scale
+    )
+    c0, c1 = causal
+    row_pos = torch.arange(r0, r1, device=q.device).repeat(group)
+    hidden = torch.arange(c0, c1, device=q.device)[None, :] > row_pos[:, None]
+    scores[..., scores.shape[-1] - (c1 - c0) :].masked_fill_(hidden, float("-inf"))
+    probs = scores.softmax(-1)
+    out, offset = 0, 0
+    for a, b in spans:
+        out = out + torch.matmul(probs[..., offset : offset + b - a], v[:, :, a:b].float())
+        offset += b - a
+    return out.reshape(batch, heads, r1 - r0, dim).to(q.dtype)
+
+
+def _merge_adjacent(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged = [spans[0]]
+    for a, b in spans[1:]:
+        if a == merged[-1][1]:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _own_values(v: Tensor, heads: int, rows: tuple[int, int]) -> Tensor:
+    """Isolated hybrid rows: softmax over a single key is 1, the output is its value."""
+    own = v[:, :, rows[0] : rows[1]]
+    return own.repeat_interleave(heads // v.shape[1], dim=1) if heads != v.shape[1] else own
+
+
+def voco_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: VocoLayout,
+    softmax_scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Decoupled-mask attention exploiting the layout.
+
+    ``q (B, H, L, D)``, ``k``/``v`` ``(B, H_kv, L, D)`` (GQA: H % H_kv == 0), ``L =
+    layout.length`` -> ``(B, H, L, D)``; the same numbers as SDPA with ``voco_mask``."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+    if not isinstance(layout, VocoLayout):
+        raise TypeError(f"layout must be a VocoLayout, got {type(layout).__name__}")
+    batch, heads, length, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (length, dim):
+        raise ValueError(
+            f"k and v must both be (B={batch}, H_kv, L={length}, D={dim}), got "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if heads % k.shape[1]:
+        raise ValueError(f"q has H={heads} heads, not a multiple of H_kv={k.shape[1]}")
+    if length != layout.length:
+        raise ValueError(
+            f"sequence length L={length} does not match the layout's "
+            f"{layout.length} (prefix {layout.n_prefix} + hybrid {layout.n_hybrid} "
+            f"+ voco {layout.n_voco} + text {layout.n_text})"
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype or k.device != q.device or v.device != q.device:
+        raise TypeError("q, k and v must share dtype and device")
+    scale = softmax_scale if softmax_scale is not None else dim**-0.5
+    name = select_backend(q.device, backend, op="voco_attention")
+    if name == "reference":
+        check_finite("q", q)
+        return (
+            voco_attention_reference(q, k, v, layout)
+            if softmax_scale is None
+            else F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                scale=scale,
+                enable_gqa=k.shape[1] != heads,
+                attn_mask=voco_mask(
+                    layout.n_prefix,
+                    layout.n_hybrid,
+                    layout.n_voco,
+                    layout.n_text,
+                    layout.hybrid,
+                    device=q.device,
+                ),
+            )
+        )
+    if name == "cuda":
+        raise BackendUnavailableError("voco_attention: no CUDA C++ kernel; use 'triton'")
+    check_finite("q", q)
+    out = torch.empty_like(q)
+    if layout.n_hybrid and layout.hybrid == "isolated":
+        rows = (layout.hybrid_start, layout.voco_start)
+        out[:, :, rows[0] : rows[1]] = _own_values(v, heads, rows)
+    if name == "triton":
+        from fastcompress.triton_kernels.voco import segment_attention_triton
+
+        if k.stride() != v.stride() or k.stride(-1) != 1 or q.stride(-1) != 1:
+            k, v, q = k.contiguous(), v.contiguous(), q.contiguous()
+        for r0, r1, full, causal in layout.regions():
+            segment_attention_triton(q, k, v, out, (r0, r1), full, causal, scale)
+        return out
+    for r0, r1, full, causal in layout.regions():
+        out[:, :, r0:r1] = _segment_attention_torch(q, k, v, (r0, r1), full, causal, scale)
+    return out
+
+
+def compact_kv_cache(
+    k_cache: Tensor, v_cache: Tensor, layout: VocoLayout
+) -> tuple[Tensor, Tensor, VocoLayout]:
+    """Drop the hybrid entries after prefill: ``(B, H_kv, L, D)`` caches ->
+    ``(B, H_kv, n_prefix + n_voco + n_text, D)`` and the layout without hybrids. Text
+    (and later decoded tokens) never read hybrid keys, so attention over the compacted
+    cache is plain causal attention with the same results."""
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    if k_cache.shape != v_cache.shape or k_cache.shape[2] != layout.length:
+        raise ValueError(
+            f"caches must both be (B, H_kv, L={layout.length}, D), got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    keep = torch.cat(
+        [torch.arange(0, layout.n_prefix), torch.arange(layout.voco_start, layout.length)]
+    ).to(k_cache.device)
+    compacted = VocoLayout(layout.n_prefix, 0, layout.n_voco, layout.n_text, layout.hybrid)
+    return (
+        k_cache.index_select(2, keep).contiguous(),
+        v_cache.index_select(2, keep).contiguous(),
+        compacted,
+    )
