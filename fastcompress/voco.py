@@ -225,31 +225,44 @@ def voco_attention(
     if q.dtype != k.dtype or q.dtype != v.dtype or k.device != q.device or v.device != q.device:
         raise TypeError("q, k and v must share dtype and device")
     scale = softmax_scale if softmax_scale is not None else dim**-0.5
+    return _voco_attention_op(
+        q,
+        k,
+        v,
+        layout.n_prefix,
+        layout.n_hybrid,
+        layout.n_voco,
+        layout.n_text,
+        layout.hybrid,
+        float(scale),
+        backend or "",
+    )
+
+
+@torch.library.custom_op("fastcompress::voco_attention", mutates_args=())
+def _voco_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    n_prefix: int,
+    n_hybrid: int,
+    n_voco: int,
+    n_text: int,
+    hybrid: str,
+    scale: float,
+    backend: str,
+) -> Tensor:
+    layout = VocoLayout(n_prefix, n_hybrid, n_voco, n_text, hybrid)
+    heads = q.shape[1]
+    check_finite("q", q)
     name = select_backend(q.device, backend, op="voco_attention")
     if name == "reference":
-        check_finite("q", q)
-        return (
-            voco_attention_reference(q, k, v, layout)
-            if softmax_scale is None
-            else F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                scale=scale,
-                enable_gqa=k.shape[1] != heads,
-                attn_mask=voco_mask(
-                    layout.n_prefix,
-                    layout.n_hybrid,
-                    layout.n_voco,
-                    layout.n_text,
-                    layout.hybrid,
-                    device=q.device,
-                ),
-            )
+        mask = voco_mask(n_prefix, n_hybrid, n_voco, n_text, hybrid, device=q.device)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != heads
         )
     if name == "cuda":
         raise BackendUnavailableError("voco_attention: no CUDA C++ kernel; use 'triton'")
-    check_finite("q", q)
     out = torch.empty_like(q)
     if layout.n_hybrid and layout.hybrid == "isolated":
         rows = (layout.hybrid_start, layout.voco_start)
@@ -265,6 +278,11 @@ def voco_attention(
     for r0, r1, full, causal in layout.regions():
         out[:, :, r0:r1] = _segment_attention_torch(q, k, v, (r0, r1), full, causal, scale)
     return out
+
+
+@_voco_attention_op.register_fake
+def _(q, k, v, n_prefix, n_hybrid, n_voco, n_text, hybrid, scale, backend):
+    return torch.empty_like(q)
 
 
 def compact_kv_cache(
