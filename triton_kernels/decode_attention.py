@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastcompress.triton_kernels.online_softmax import online_softmax_step
+
 # Keys per tile: BLOCK_N x D_PAD <= KV_TILE_ELEMENTS. 64 keys at D = 128 spilled up to
 # 8.7 KiB on sm_90 (4 warps); 32 keys do not (tests/test_gpu_compile.py).
 KV_TILE_ELEMENTS = 4096
@@ -90,14 +92,7 @@ def decode_attention_kernel(
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         visible = key_ok[None, :] & (keys[None, :] <= limit[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Rows that have seen no visible key yet keep m = -inf: guard exp(-inf - -inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i)
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
     part = ((b * num_splits + split) * HEADS + head).to(tl.int64) * SQ + query
     tl.store(

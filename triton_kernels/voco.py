@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastcompress.triton_kernels.online_softmax import online_softmax_step
+
 BLOCK_M = 16
 BLOCK_N = 32
 NUM_WARPS = 8  # 4 warps spilled up to 1.6 KiB on sm_90 at D = 128
@@ -48,13 +50,7 @@ def _span(
         if CAUSAL:
             visible = visible & (keys[None, :] <= rows[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i)
     return acc, m_i, l_i
 
 
