@@ -7,7 +7,12 @@ PYTEST_ARGS ?=
 .PHONY: install main test checkstyle format bench bench-cli clean
 
 install:
-	$(PIP) install -q torch==2.13.0
+	@# torch first, and only the CPU build from the local wheel: any other route (PyPI,
+	@# build isolation) pulls several GB of CUDA packages, so stop instead.
+	@$(PYTHON) -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.13.0'))" \
+		2>/dev/null || { ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1 \
+		&& $(PIP) install -q torch==2.13.0 --find-links /opt/wheels; } \
+		|| { echo "no torch 2.13.0 and no CPU wheel in /opt/wheels: install a CPU torch first"; exit 1; }
 	$(PIP) install -q -r requirements.txt
 	@# (Re)install the package in editable mode when it is missing or points elsewhere.
 	@$(PYTHON) -c "import fastcompress, os, sys; \
