@@ -8,6 +8,7 @@ generated here; nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -103,8 +104,7 @@ class UniCompressStack(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: Tensor, timings: dict[str, float] | None = None) -> Tensor:
         """Compress, quantise, regenerate: ``x (B, T, dim)`` -> ``(B, T, dim)``."""
-        clock = _Clock(timings)
-        with clock("compress"):
+        with _timed(timings, "compress"):
             meta, pooled = compress(
                 x,
                 self.config.grid,
@@ -112,30 +112,19 @@ class UniCompressStack(nn.Module):
                 *self.compressor.extractor.attention_weights(),
                 backend=self.compressor.backend,
             )
-        with clock("quantize"):
+        with _timed(timings, "quantize"):
             out, _ = self.quantizer.quantize(torch.cat([meta, pooled], dim=1))
-        with clock("decompress"):
+        with _timed(timings, "decompress"):
             return self.decompressor.generate(out.z_q)
 
 
-class _Clock:
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self.timings = timings
-
-    def __call__(self, name: str):
-        clock = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if clock.timings is not None:
-                    clock.timings[name] = clock.timings.get(name, 0.0) + (
-                        time.perf_counter() - self.start
-                    )
-
-        return _Span()
+@contextlib.contextmanager
+def _timed(timings: dict[str, float] | None, name: str):
+    """Add the block's wall time to ``timings[name]`` (nothing when timings is None)."""
+    start = time.perf_counter()
+    yield
+    if timings is not None:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def train(

@@ -121,7 +121,9 @@ def voco_mask_mod(layout: VocoLayout):
     return mask_mod
 
 
-def voco_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: VocoLayout) -> Tensor:
+def voco_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, layout: VocoLayout, scale: float | None = None
+) -> Tensor:
     """``scaled_dot_product_attention`` with the dense mask (the oracle)."""
     mask = voco_mask(
         layout.n_prefix,
@@ -132,7 +134,7 @@ def voco_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: VocoLayout
         device=q.device,
     )
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
 
 
@@ -257,10 +259,7 @@ def _voco_attention_op(
     check_finite("q", q)
     name = select_backend(q.device, backend, op="voco_attention")
     if name == "reference":
-        mask = voco_mask(n_prefix, n_hybrid, n_voco, n_text, hybrid, device=q.device)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != heads
-        )
+        return voco_attention_reference(q, k, v, layout, scale)
     if name == "cuda":
         raise BackendUnavailableError("voco_attention: no CUDA C++ kernel; use 'triton'")
     out = torch.empty_like(q)
