@@ -33,11 +33,11 @@ checkstyle:
 	$(PIP) install -q -r requirements-dev.txt
 	ruff check fastcompress triton_kernels tests benchmarks setup.py
 	ruff format --check fastcompress triton_kernels tests benchmarks setup.py
-	clang-format --dry-run -Werror csrc/include/fastcompress/*.cuh csrc/cpu/*.cpp csrc/cuda/*
+	clang-format --dry-run -Werror csrc/include/fastcompress/* csrc/cpu/*.cpp csrc/cuda/*
 
 format:
 	ruff format fastcompress triton_kernels tests benchmarks setup.py
-	clang-format -i csrc/include/fastcompress/*.cuh csrc/cpu/*.cpp csrc/cuda/*
+	clang-format -i csrc/include/fastcompress/* csrc/cpu/*.cpp csrc/cuda/*
 
 bench: install
 	mkdir -p bench-results

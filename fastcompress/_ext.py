@@ -17,8 +17,11 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = [CSRC / "cpu" / "mcq_cpu.cpp"]
-CPU_HEADERS = [CSRC / "include" / "fastcompress" / "mcq_tile.cuh"]
+CPU_SOURCES = [CSRC / "cpu" / "mcq_cpu.cpp", CSRC / "cpu" / "decode_step_cpu.cpp"]
+CPU_HEADERS = [
+    CSRC / "include" / "fastcompress" / "mcq_tile.cuh",
+    CSRC / "include" / "fastcompress" / "decode_step.h",
+]
 # ISA is chosen at build time: a baseline x86-64 build is ~8x slower than AVX-512.
 CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-std=c++17"]
 CPU_LDFLAGS = ["-fopenmp"]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcompress import _backend, decode_step
 from fastcompress.decode import decode_attention
 
 
@@ -213,7 +214,7 @@ class ARDecompressor(nn.Module):
             local = context.new_zeros(batch, steps, self.dim)
         x = (self.start + self.pos[0] + local[:, :1]).contiguous()
 
-        def step(x: Tensor, position: Tensor) -> Tensor:
+        def layers(x: Tensor) -> Tensor:
             for block, (cache_k, cache_v), (ctx_k, ctx_v) in zip(
                 self.blocks, caches, cross, strict=True
             ):
@@ -221,7 +222,15 @@ class ARDecompressor(nn.Module):
             return self.head(self.norm(x))
 
         if use_cuda_graph and device.type == "cuda":
-            step = _cuda_graph_step(step, x, position)
+            layers = _cuda_graph_step(layers, x)
+
+        def step(x: Tensor, t: int) -> Tensor:
+            position.fill_(t)
+            return layers(x)
+
+        if _backend.requested_backend(self.backend) in ("auto", "cpu"):
+            if decode_step.unsupported_reason(self, context) is None:
+                step = self._fused_step(caches, cross)
         out = torch.empty(batch, steps, self.dim, device=device, dtype=dtype)
         iterator = range(steps)
         if progress:
@@ -229,14 +238,40 @@ class ARDecompressor(nn.Module):
 
             iterator = tqdm(iterator, desc="generate", unit="tok")
         for t in iterator:
-            position.fill_(t)
-            y = step(x, position)
+            y = step(x, t)
             if quantize is not None:
                 y = quantize(y)
             out[:, t] = y[:, 0]
             if t + 1 < steps:
                 x = (y + self.pos[t + 1] + local[:, t + 1 : t + 2]).contiguous()
         return out
+
+    def _fused_step(
+        self, caches: list[tuple[Tensor, Tensor]], cross: list[tuple[Tensor, Tensor]]
+    ) -> Callable[[Tensor, int], Tensor]:
+        """All layers of one step as one C++ op (CPU, float32): see decode_step.py."""
+        params = decode_step.pack_params(self)
+        cache_k, cache_v = [k for k, _ in caches], [v for _, v in caches]
+        ctx_k, ctx_v = [k for k, _ in cross], [v for _, v in cross]
+        heads = self.blocks[0].heads
+        gelu_tanh = self.blocks[0].mlp[1].approximate == "tanh"
+
+        def step(x: Tensor, t: int) -> Tensor:
+            y = decode_step.decoder_step(
+                x.view(x.shape[0], -1),
+                params,
+                cache_k,
+                cache_v,
+                ctx_k,
+                ctx_v,
+                t,
+                heads,
+                self.norm.eps,
+                gelu_tanh,
+            )
+            return y.view(x.shape[0], 1, -1)
+
+        return step
 
     @torch.no_grad()
     def generate_reference(
@@ -256,20 +291,20 @@ class ARDecompressor(nn.Module):
         return out
 
 
-def _cuda_graph_step(step: Callable, x: Tensor, position: Tensor) -> Callable:
-    """Capture one decode step in a CUDA graph; replays read the static ``x`` and
-    ``position`` buffers (updated in place) and return the static output."""
+def _cuda_graph_step(step: Callable, x: Tensor) -> Callable:
+    """Capture one decode step in a CUDA graph; replays read the static ``x`` and the
+    step's position buffer (both updated in place) and return the static output."""
     static_x = x.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the graph (allocations, autotune)
-        step(static_x, position)
+        step(static_x)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = step(static_x, position)
+        static_out = step(static_x)
 
-    def replay(x: Tensor, position_now: Tensor) -> Tensor:
+    def replay(x: Tensor) -> Tensor:
         static_x.copy_(x)
         graph.replay()
         return static_out
