@@ -22,7 +22,11 @@ if os.environ.get("FASTCOMPRESS_NO_EXT", "0") != "1" and shutil.which("c++"):
     ext_modules.append(
         CppExtension(
             "fastcompress._C_cpu",
-            ["csrc/cpu/mcq_cpu.cpp", "csrc/cpu/decode_step_cpu.cpp"],
+            [
+                "csrc/cpu/mcq_cpu.cpp",
+                "csrc/cpu/decode_step_cpu.cpp",
+                "csrc/cpu/context_pool_cpu.cpp",
+            ],
             include_dirs=include,
             extra_compile_args=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
             extra_link_args=["-fopenmp"],

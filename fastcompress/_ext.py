@@ -17,10 +17,14 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = [CSRC / "cpu" / "mcq_cpu.cpp", CSRC / "cpu" / "decode_step_cpu.cpp"]
+CPU_SOURCES = [
+    CSRC / "cpu" / name for name in ("mcq_cpu.cpp", "decode_step_cpu.cpp", "context_pool_cpu.cpp")
+]
 CPU_HEADERS = [
     CSRC / "include" / "fastcompress" / "mcq_tile.cuh",
     CSRC / "include" / "fastcompress" / "decode_step.h",
+    CSRC / "include" / "fastcompress" / "context_pool.h",
+    CSRC / "include" / "fastcompress" / "simd.h",
 ]
 # ISA is chosen at build time: a baseline x86-64 build is ~8x slower than AVX-512.
 CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-std=c++17"]

@@ -143,13 +143,17 @@ def _meta_context_pool_impl(
         context, pooled = meta_context_pool_triton(
             x.contiguous(), folded.contiguous(), (grid_h, grid_w), stride
         )
-    if name == "cuda":
+    elif name == "cuda":
         from fastcompress._backend import BackendUnavailableError
 
         raise BackendUnavailableError(
             "compress: there is no CUDA C++ kernel for this op; use 'triton'"
         )
-    else:  # reference and cpu: the folded formulation in torch (MKL GEMMs on CPU)
+    elif name == "cpu" and x.dtype == torch.float32:  # the fused C++ pass over X
+        context, pooled = torch.ops.fastcompress_cpu.meta_context_pool(
+            x.contiguous(), folded.contiguous(), grid_h, grid_w, stride
+        )
+    else:  # reference, and cpu in bf16/f16: the folded formulation in torch (MKL GEMMs)
         context, pooled = _context_pool_torch(x, folded, (grid_h, grid_w), stride)
     # Every token enters every score, so NaN or inf anywhere in x reaches the small
     # (B, M, d) context: checking it replaces a pass over X (which cost as much as the

@@ -201,3 +201,58 @@ def test_nan_and_empty(backend):
         fc.compress(x, (12, 8), 2, *weights, backend=backend)
     with pytest.raises(ValueError, match="empty batch"):
         fc.compress(x[:0], (12, 8), 2, *weights, backend=backend)
+
+
+# (batch, grid, dim, heads, num_meta): B = 1 splits each sample's passes over threads;
+# d = 40 / 24 leave 16-lane and scalar tails; M = 40 spans two lane groups plus padding;
+# T = 320 and 1024 span several 256-token tiles of the context pass.
+CPU_KERNEL_SHAPES = [
+    (1, (20, 16), 40, 5, 8),
+    (5, (4, 12), 24, 3, 3),
+    (2, (32, 32), 64, 8, 4),
+]
+
+
+@pytest.mark.parametrize("shape", CPU_KERNEL_SHAPES, ids=str)
+def test_cpu_kernel_matches_torch_folding(shape):
+    batch, grid, dim, heads, num_meta = shape
+    gen = torch.Generator().manual_seed(dim)
+    x = torch.randn(batch, grid[0] * grid[1], dim, generator=gen)
+    folded = torch.randn(num_meta * heads, dim, generator=gen) * dim**-0.5
+    fc._ext.load_cpu_extension()
+    for stride in (0, 2, 4):
+        if stride and (grid[0] % stride or grid[1] % stride):
+            continue
+        context, pooled = torch.ops.fastcompress_cpu.meta_context_pool(x, folded, *grid, stride)
+        want_context, want_pooled = compress_mod._context_pool_torch(x, folded, grid, stride)
+        torch.testing.assert_close(context, want_context, rtol=1e-5, atol=1e-6)
+        assert torch.equal(pooled, want_pooled), "pooling must be bit-identical to avg_pool2d"
+
+
+def test_cpu_backend_float32_takes_the_kernel(monkeypatch):
+    x, weights, mha = _problem(batch=1, grid=(8, 8))
+
+    def torch_path(*args):
+        raise AssertionError("the cpu backend must not take the torch folding in float32")
+
+    monkeypatch.setattr(compress_mod, "_context_pool_torch", torch_path)
+    meta, pooled = fc.compress(x, (8, 8), 4, *weights, backend="cpu")
+    want_meta, want_pooled = _expected(x, (8, 8), 4, weights, mha)
+    torch.testing.assert_close(meta, want_meta, rtol=1e-5, atol=1e-5)
+    assert torch.equal(pooled, want_pooled)
+
+
+def test_cpu_kernel_bad_input():
+    fc._ext.load_cpu_extension()
+    op = torch.ops.fastcompress_cpu.meta_context_pool
+    x, folded = torch.randn(2, 16, 8), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32 CPU tensor"):
+        op(x.double(), folded, 4, 4, 2)
+    with pytest.raises(RuntimeError, match=r"folded must be float32 \(M > 0, d=8\)"):
+        op(x, folded[:, :5], 4, 4, 2)
+    with pytest.raises(RuntimeError, match="grid 4x2 does not have T=16 tokens"):
+        op(x, folded, 4, 2, 2)
+    with pytest.raises(
+        RuntimeError, match="grid 4x4 is not divisible by stride 3|must be 0, 2 or 4"
+    ):
+        op(x, folded, 4, 4, 3)

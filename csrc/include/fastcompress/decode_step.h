@@ -10,25 +10,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+
+#include "fastcompress/simd.h"
 
 namespace fastcompress {
 namespace decode {
 
-constexpr int kLanes = 16;
-typedef float vec16 __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vec16 load16(const float* p) {
-  vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline float hsum(vec16 v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
+using simd::hsum;
+using simd::kLanes;
+using simd::load16;
+using simd::vec16;
 
 enum class Epilogue { kStore, kAddInto, kGelu, kGeluTanh };
 

@@ -1,0 +1,112 @@
+// The X pass of the UniCompress compressor on CPU, float32: for each sample, the scores
+// of the M folded queries, their softmax over T, the (M, d) context and the s x s pooled
+// grid, with X read from DRAM once (csrc/include/fastcompress/context_pool.h).
+//
+// x (B, T, d) float32 contiguous, folded (M, d) float32 (rows W_k,h^T q / sqrt(d_h)).
+// Returns context (B, M, d) float32 and pooled (B, T / s^2, d) (B, 0, d) when s = 0.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "fastcompress/context_pool.h"
+
+namespace fastcompress {
+namespace {
+
+using simd::kLanes;
+
+struct Shape {
+  int64_t batch, tokens, d, m, mp, height, width, stride;
+};
+
+// Scores and (stride > 0) pooled rows for the grid bands [band0, band1) of sample b.
+void scores_and_pool(const Shape& s, const float* x, const float* folded_t, float* scores,
+                     float* pooled, int64_t band0, int64_t band1) {
+  const int64_t band_tokens = s.stride > 0 ? s.stride * s.width : s.tokens;
+  for (int64_t band = band0; band < band1; ++band) {
+    context_pool::scores_rows(x, band * band_tokens, (band + 1) * band_tokens, s.d, folded_t, s.mp,
+                              scores);
+    if (s.stride > 0) {
+      context_pool::pool_row(x, s.width, s.d, s.stride, band,
+                             pooled + band * (s.width / s.stride) * s.d);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> meta_context_pool(const at::Tensor& x, const at::Tensor& folded,
+                                                     int64_t grid_h, int64_t grid_w,
+                                                     int64_t stride) {
+  TORCH_CHECK(
+      x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.is_contiguous(),
+      "meta_context_pool: x must be a contiguous float32 CPU tensor (B, T, d), got ",
+      x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(folded.device().is_cpu() && folded.scalar_type() == at::kFloat && folded.dim() == 2 &&
+                  folded.size(1) == x.size(2) && folded.size(0) > 0,
+              "meta_context_pool: folded must be float32 (M > 0, d=", x.size(2), "), got ",
+              folded.scalar_type(), " ", folded.sizes());
+  Shape s{x.size(0), x.size(1), x.size(2), folded.size(0), 0, grid_h, grid_w, stride};
+  s.mp = (s.m + kLanes - 1) / kLanes * kLanes;
+  TORCH_CHECK(stride == 0 || stride == 2 || stride == 4, "meta_context_pool: stride must be 0, ",
+              "2 or 4, got ", stride);
+  TORCH_CHECK(grid_h * grid_w == s.tokens || stride == 0, "meta_context_pool: grid ", grid_h, "x",
+              grid_w, " does not have T=", s.tokens, " tokens");
+  TORCH_CHECK(stride == 0 || (grid_h % stride == 0 && grid_w % stride == 0),
+              "meta_context_pool: grid ", grid_h, "x", grid_w, " is not divisible by stride ",
+              stride);
+  TORCH_CHECK(s.tokens > 0 && s.batch > 0, "meta_context_pool: x must have B > 0 and T > 0");
+
+  // folded^T (d, mp) with zero pad columns: the scores kernel reads whole lane vectors.
+  auto folded_t = at::zeros({s.d, s.mp}, folded.options());
+  folded_t.narrow(1, 0, s.m).copy_(folded.t());
+  auto context = at::zeros({s.batch, s.m, s.d}, x.options());  // accumulated
+  const int64_t pooled_tokens = stride > 0 ? s.tokens / (stride * stride) : 0;
+  auto pooled = at::empty({s.batch, pooled_tokens, s.d}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* ft = folded_t.data_ptr<float>();
+  float* cp = context.data_ptr<float>();
+  float* pp = pooled.data_ptr<float>();
+  const int64_t bands = stride > 0 ? grid_h / stride : 1;
+  const int64_t sample = s.tokens * s.d;
+
+  if (s.batch >= at::get_num_threads()) {
+    // One sample per task: its X stays in this core's caches across the three passes.
+    at::parallel_for(0, s.batch, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> scores(s.tokens * s.mp);
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* xb = xp + b * sample;
+        scores_and_pool(s, xb, ft, scores.data(), pp + b * pooled_tokens * s.d, 0, bands);
+        context_pool::softmax_columns(scores.data(), s.tokens, s.mp);
+        context_pool::context_columns(scores.data(), xb, s.tokens, s.d, s.mp, s.m, 0, s.d,
+                                      cp + b * s.m * s.d);
+      }
+    });
+  } else {
+    // Fewer samples than threads: split each sample's passes over bands and d columns.
+    std::vector<float> scores(s.tokens * s.mp);
+    for (int64_t b = 0; b < s.batch; ++b) {
+      const float* xb = xp + b * sample;
+      at::parallel_for(0, bands, 1, [&](int64_t band0, int64_t band1) {
+        scores_and_pool(s, xb, ft, scores.data(), pp + b * pooled_tokens * s.d, band0, band1);
+      });
+      context_pool::softmax_columns(scores.data(), s.tokens, s.mp);
+      const int64_t column_blocks = (s.d + 2 * kLanes - 1) / (2 * kLanes);
+      at::parallel_for(0, column_blocks, 1, [&](int64_t c0, int64_t c1) {
+        context_pool::context_columns(scores.data(), xb, s.tokens, s.d, s.mp, s.m, c0 * 2 * kLanes,
+                                      std::min(s.d, c1 * 2 * kLanes), cp + b * s.m * s.d);
+      });
+    }
+  }
+  return {context, pooled};
+}
+
+}  // namespace
+}  // namespace fastcompress
+
+TORCH_LIBRARY_FRAGMENT(fastcompress_cpu, m) {
+  m.def(
+      "meta_context_pool(Tensor x, Tensor folded, int grid_h, int grid_w, int stride)"
+      " -> (Tensor, Tensor)");
+  m.impl("meta_context_pool", c10::DispatchKey::CPU, TORCH_FN(fastcompress::meta_context_pool));
+}
