@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcompress as fc
+from fastcompress import _ext
 from fastcompress._backend import triton_available
 from fastcompress.nn import GlobalTokenExtractor, MultiCodebookQuantizer, UniCompressor
 from fastcompress.reference.compress import compress_reference
@@ -219,7 +220,7 @@ def test_cpu_kernel_matches_torch_folding(shape):
     gen = torch.Generator().manual_seed(dim)
     x = torch.randn(batch, grid[0] * grid[1], dim, generator=gen)
     folded = torch.randn(num_meta * heads, dim, generator=gen) * dim**-0.5
-    fc._ext.load_cpu_extension()
+    _ext.load_cpu_extension()
     for stride in (0, 2, 4):
         if stride and (grid[0] % stride or grid[1] % stride):
             continue
@@ -243,7 +244,7 @@ def test_cpu_backend_float32_takes_the_kernel(monkeypatch):
 
 
 def test_cpu_kernel_bad_input():
-    fc._ext.load_cpu_extension()
+    _ext.load_cpu_extension()
     op = torch.ops.fastcompress_cpu.meta_context_pool
     x, folded = torch.randn(2, 16, 8), torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="x must be a contiguous float32 CPU tensor"):

@@ -3,8 +3,8 @@
 //   scores (T, mp) = X (T, d) . folded^T, softmax over T per column,
 //   context (M, d) = probs^T . X, and the s x s average pool of the H x W grid.
 // mp is M rounded up to 16 lanes; the pad columns of folded^T are zero and never read
-// back. A sample's X (T * d floats, 4 MiB at T = 1024, d = 1024) stays in L2/L3 between
-// the scores and context passes, so X comes from DRAM once.
+// back. X comes from DRAM once: per tile of rows (one band of s grid rows), the scores,
+// the pooling and the context update (online softmax) run while the tile is in L2.
 #pragma once
 
 #include <algorithm>
@@ -77,6 +77,39 @@ inline void softmax_columns(float* scores, int64_t tokens, int64_t mp) {
     for (int64_t t = 0; t < tokens; ++t) {
       store16(scores + t * mp + col, load16(scores + t * mp + col) * inv);
     }
+  }
+}
+
+// Online softmax over one tile of rows of scores (rows, mp): `scores` becomes
+// exp(score - new max), and alpha = exp(old max - new max) rescales what was accumulated
+// before (0 on the first tile: -inf - max gives exp 0). run_max / run_sum / alpha: (mp).
+inline void online_softmax_tile(float* scores, int64_t rows, int64_t mp, float* run_max,
+                                float* run_sum, float* alpha) {
+  for (int64_t col = 0; col < mp; col += kLanes) {
+    vec16 peak = load16(run_max + col);
+    for (int64_t t = 0; t < rows; ++t) peak = simd::vmax(peak, load16(scores + t * mp + col));
+    const vec16 a = simd::exp_nonpositive(load16(run_max + col) - peak);
+    vec16 total = {};
+    for (int64_t t = 0; t < rows; ++t) {
+      const vec16 e = simd::exp_nonpositive(load16(scores + t * mp + col) - peak);
+      store16(scores + t * mp + col, e);
+      total += e;
+    }
+    store16(alpha + col, a);
+    store16(run_max + col, peak);
+    store16(run_sum + col, load16(run_sum + col) * a + total);
+  }
+}
+
+// context[m, :] *= factor[m] for the m_valid rows.
+inline void scale_rows(float* context, int64_t m_valid, int64_t d, const float* factor) {
+  for (int64_t m = 0; m < m_valid; ++m) {
+    if (factor[m] == 1.f) continue;
+    const vec16 f = splat(factor[m]);
+    int64_t k = 0;
+    for (; k + kLanes <= d; k += kLanes)
+      store16(context + m * d + k, load16(context + m * d + k) * f);
+    for (; k < d; ++k) context[m * d + k] *= factor[m];
   }
 }
 
