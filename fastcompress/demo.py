@@ -68,7 +68,9 @@ def run_demo(
         "tokens_pooled": pooled.shape[1],
         "tokens_compact": meta.shape[1] + pooled.shape[1],
         "mse_reconstruction": float(F.mse_loss(x_hat, x)),
-        "mse_upsampled_continuous_pooled": float(F.mse_loss(upsample_pooled(pooled, config), x)),
+        "mse_upsampled_continuous_pooled": float(
+            F.mse_loss(upsample_pooled(pooled.detach(), config), x)
+        ),
         "data_variance": float(x.var()),
         "fast_vs_reference_max_abs_diff": float((x_hat - outputs["torch reference"]).abs().max()),
         "codes_used_percent": float(usage),
