@@ -22,11 +22,11 @@ namespace {
 using decode::Epilogue;
 constexpr int64_t kParamsPerLayer = 18;
 
-void check_param(const at::Tensor& t, std::initializer_list<int64_t> shape, int64_t index) {
+void check_param(const at::Tensor& t, at::IntArrayRef shape, int64_t index) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
-                  t.sizes() == at::IntArrayRef(shape),
+                  t.sizes() == shape,
               "decoder_step: params[", index, "] must be a contiguous float32 CPU tensor of shape ",
-              at::IntArrayRef(shape), ", got ", t.scalar_type(), " ", t.sizes());
+              shape, ", got ", t.scalar_type(), " ", t.sizes());
 }
 
 void check_kv(const at::Tensor& t, const char* name, int64_t layer, int64_t batch, int64_t heads,
@@ -113,14 +113,7 @@ at::Tensor decoder_step(const at::Tensor& x, at::TensorList params, at::TensorLi
         {dim}, {dim}, {3 * dim, dim}, {3 * dim}, {dim, dim},    {dim},
         {dim}, {dim}, {dim, dim},     {dim},     {dim, dim},    {dim},
         {dim}, {dim}, {hidden, dim},  {hidden},  {dim, hidden}, {dim}};
-    for (int64_t i = 0; i < kParamsPerLayer; ++i) {
-      const auto& s = shapes[i];
-      TORCH_CHECK(params[p + i].sizes() == at::IntArrayRef(s) && params[p + i].is_contiguous() &&
-                      params[p + i].scalar_type() == at::kFloat && params[p + i].device().is_cpu(),
-                  "decoder_step: params[", p + i, "] must be a contiguous float32 CPU tensor of ",
-                  "shape ", at::IntArrayRef(s), ", got ", params[p + i].scalar_type(), " ",
-                  params[p + i].sizes());
-    }
+    for (int64_t i = 0; i < kParamsPerLayer; ++i) check_param(params[p + i], shapes[i], p + i);
     check_kv(cache_k[l], "cache_k", l, batch, heads, head_dim);
     check_kv(cache_v[l], "cache_v", l, batch, heads, head_dim);
     check_kv(ctx_k[l], "ctx_k", l, batch, heads, head_dim);

@@ -19,19 +19,15 @@
 #include <vector>
 
 #include "fastcompress/mcq_tile.cuh"
+#include "fastcompress/simd.h"
 
 namespace fastcompress {
 namespace {
 
-constexpr int kLanes = 16;
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+using simd::kLanes;
+using vfloat = simd::vec16;
+using vint = simd::ivec16;
+using simd::load16;
 
 // Row vectors per block: the D x RV chunk vectors stay in registers (32 zmm in all).
 template <int D>
@@ -50,7 +46,7 @@ void search_block(const float* chunks_t, const float* book, const float* bias, i
   vfloat best[RV];
   vint best_idx[RV];
   for (int v = 0; v < RV; ++v) {
-    for (int j = 0; j < D; ++j) z[v][j] = load(chunks_t + j * RV * kLanes + v * kLanes);
+    for (int j = 0; j < D; ++j) z[v][j] = load16(chunks_t + j * RV * kLanes + v * kLanes);
     best[v] = vfloat{} - std::numeric_limits<float>::infinity();
     best_idx[v] = vint{};
   }
