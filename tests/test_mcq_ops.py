@@ -57,6 +57,19 @@ def test_ties_resolve_to_lowest_index(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_inside_a_code_block_resolve_to_lowest_index(backend, normalize):
+    # Adjacent copies (codes 3i, 3i+1, 3i+2 equal) fall in the same 8-code block of the
+    # CPU search, whose rescan must still return the first copy; K = 93 leaves a tail.
+    torch.manual_seed(11)
+    books = torch.randn(2, 31, 8).repeat_interleave(3, dim=1)
+    z = torch.randn(200, 16)
+    idx = fc.mcq_search(z, books, normalize=normalize, backend=backend)
+    assert (idx % 3 == 0).all()
+    assert torch.equal(idx, mcq_search_reference(z, books, normalize))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_channel_first_and_non_contiguous(backend):
     books = torch.randn(8, 64, 4)
     x = torch.randn(2, 7, 5, 32)

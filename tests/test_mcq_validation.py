@@ -91,3 +91,14 @@ def test_bad_channel_dim(books):
 def test_bad_entropy_temp(books):
     with pytest.raises(ValueError, match="entropy_temp must be > 0"):
         fc.mcq_quantize(torch.randn(2, 64), books, entropy_temp=0.0)
+
+
+def test_cpu_op_rejects_a_bias_on_the_cosine_search(books):
+    # The cosine kernel skips the bias add; a non-zero bias there must not be ignored.
+    from fastcompress import _ext
+
+    _ext.load_cpu_extension()
+    bias = torch.zeros(8, 32)
+    bias[3, 5] = 0.5
+    with pytest.raises(RuntimeError, match="bias must be 0 for the cosine search"):
+        torch.ops.fastcompress_cpu.mcq_forward(torch.randn(4, 64), books, bias, True, False)

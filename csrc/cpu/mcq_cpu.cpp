@@ -35,38 +35,78 @@ constexpr int row_vectors() {
   return D <= 4 ? 4 : (D <= 8 ? 2 : 1);
 }
 
+// Codes per block of the search: a lane tracks only the best score of each block
+// (one vmaxps per code, off the FMA pipes) and the index of the best block; the
+// compare + two selects per code of exact index tracking cost ~20 % of the FMA rate.
+constexpr int64_t kCodeBlock = 8;
+
+// Score of code k for RV row vectors. For cosine (kBias false) the bias is 0 and the
+// chain starts with a product: the same value as code_score's fmaf(z0, c0, 0.f).
+template <int D, int RV, bool kBias>
+inline void score_code(const vfloat (&z)[RV][D], const float* row, float bias, vfloat (&s)[RV]) {
+  for (int v = 0; v < RV; ++v) {
+    s[v] = kBias ? simd::fma16(z[v][0], simd::splat(row[0]), simd::splat(bias)) : z[v][0] * row[0];
+  }
+  for (int j = 1; j < D; ++j) {
+    const vfloat c = simd::splat(row[j]);
+    for (int v = 0; v < RV; ++v) s[v] = simd::fma16(z[v][j], c, s[v]);
+  }
+}
+
 // Best code for kLanes * RV chunks at once: lane i of vector v is chunk v * 16 + i.
-// `chunks_t` is (D, RV * 16): the chunks transposed so that each dimension is a vector.
-// Codes are scanned in order with a strict '>', so each lane keeps the lowest index
-// among equal scores, the torch.argmax rule, with no horizontal pass.
-template <int D, int RV>
-void search_block(const float* chunks_t, const float* book, const float* bias, int64_t vocab,
-                  int32_t* best_code) {
+// `chunks_t` is (D, RV * 16): the chunks transposed so that each dimension is a vector;
+// `chunks` is the same (RV * 16, D) row-major, for the rescans.
+// Pass 1 keeps, per lane, the best block maximum and its block (strict '>': the first
+// block reaching it). Pass 2 rescans that block with the shared scalar code_score (the
+// same fmaf chain, so the same bits) for the first code equal to the best: the lowest
+// index among equal scores, the torch.argmax rule.
+template <int D, int RV, bool kBias>
+void search_block(const float* chunks_t, const float* chunks, const float* book, const float* bias,
+                  int64_t vocab, int32_t* best_code) {
   vfloat z[RV][D];
   vfloat best[RV];
-  vint best_idx[RV];
+  vint best_block[RV];
   for (int v = 0; v < RV; ++v) {
     for (int j = 0; j < D; ++j) z[v][j] = load16(chunks_t + j * RV * kLanes + v * kLanes);
     best[v] = vfloat{} - std::numeric_limits<float>::infinity();
-    best_idx[v] = vint{};
+    best_block[v] = vint{};
   }
-  vint code = vint{};
-  for (int64_t k = 0; k < vocab; ++k) {
-    const float* row = book + k * D;
-    vfloat s[RV];
-    for (int v = 0; v < RV; ++v) s[v] = vfloat{} + bias[k];
-    for (int j = 0; j < D; ++j) {
-      const float c = row[j];
-      for (int v = 0; v < RV; ++v) s[v] = s[v] + z[v][j] * c;  // contracted to FMA
+  vint block = vint{};
+  for (int64_t k0 = 0; k0 < vocab; k0 += kCodeBlock) {
+    vfloat block_max[RV];
+    score_code<D, RV, kBias>(z, book + k0 * D, bias[k0], block_max);
+    const int64_t k_end = std::min(vocab, k0 + kCodeBlock);
+    for (int64_t k = k0 + 1; k < k_end; ++k) {
+      vfloat s[RV];
+      score_code<D, RV, kBias>(z, book + k * D, bias[k], s);
+      for (int v = 0; v < RV; ++v) block_max[v] = simd::vmax(s[v], block_max[v]);
     }
     for (int v = 0; v < RV; ++v) {
-      const vint better = s[v] > best[v];
-      best[v] = better ? s[v] : best[v];
-      best_idx[v] = better ? code : best_idx[v];
+      const vint better = block_max[v] > best[v];
+      best[v] = better ? block_max[v] : best[v];
+      best_block[v] = better ? block : best_block[v];
     }
-    code = code + 1;
+    block = block + 1;
   }
-  for (int v = 0; v < RV; ++v) std::memcpy(best_code + v * kLanes, &best_idx[v], sizeof(vint));
+  for (int v = 0; v < RV; ++v) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int r = v * kLanes + lane;
+      const float* chunk = chunks + r * D;
+      const int64_t k0 = best_block[v][lane] * kCodeBlock;
+      float found = -std::numeric_limits<float>::infinity();
+      int32_t code = 0;
+      // The first code of the block that reaches the lane's best: code_score's fmaf chain
+      // is the vector chain lane for lane (explicit FMAs, same order), so it is found.
+      // Were a toolchain to break that, the full scalar scan keeps the answer exact.
+      scan_codes(chunk, book, bias, D, static_cast<int32_t>(k0),
+                 static_cast<int32_t>(std::min(vocab, k0 + kCodeBlock)), &found, &code);
+      if (found != best[v][lane]) {
+        found = -std::numeric_limits<float>::infinity();
+        scan_codes(chunk, book, bias, D, 0, static_cast<int32_t>(vocab), &found, &code);
+      }
+      best_code[r] = code;
+    }
+  }
 }
 
 // Generic-d path: the shared scalar scan over row-major codes.
@@ -127,7 +167,14 @@ void run(const Problem& p, const scalar_t* z, scalar_t* z_q, double* task_err) {
           for (int r = 0; r < R; ++r) {
             for (int j = 0; j < D; ++j) chunks_t[j * R + r] = chunks[r * D + j];
           }
-          search_block<D, R / kLanes>(chunks_t.data(), book, p.bias + g * p.vocab, p.vocab, code);
+          const float* bias = p.bias + g * p.vocab;
+          if (p.normalize) {  // cosine: the bias is 0 (prepare_codebooks)
+            search_block<D, R / kLanes, false>(chunks_t.data(), chunks.data(), book, bias, p.vocab,
+                                               code);
+          } else {
+            search_block<D, R / kLanes, true>(chunks_t.data(), chunks.data(), book, bias, p.vocab,
+                                              code);
+          }
         } else {
           search_block_scalar(chunks.data(), book, p.bias + g * p.vocab, dim, p.vocab, rows, code);
         }
@@ -185,6 +232,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(const at:
   TORCH_CHECK(bias.is_contiguous() && bias.scalar_type() == at::kFloat && bias.dim() == 2 &&
                   bias.size(0) == p.groups && bias.size(1) == p.vocab,
               "mcq_forward: bias must be contiguous float32 (G, K)");
+  // The cosine search skips the bias add (one FMA per code), so it must be 0 there.
+  TORCH_CHECK(!normalize || !bias.any().item<bool>(),
+              "mcq_forward: bias must be 0 for the cosine search (normalize=True)");
   auto indices = at::empty({p.n, p.groups}, z.options().dtype(at::kLong));
   auto z_q = full ? at::empty_like(z) : at::empty({0}, z.options());
   auto counts = at::zeros({full ? p.groups : 0, p.vocab}, z.options().dtype(at::kLong));

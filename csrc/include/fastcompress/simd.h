@@ -2,8 +2,13 @@
 // -march=native on this project's machines, split into narrower ops elsewhere).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace fastcompress {
 namespace simd {
@@ -20,7 +25,17 @@ inline vec16 load16(const float* p) {
 
 inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline vec16 splat(float v) { return vec16{} + v; }
+// A true broadcast: `vec16{} + v` costs a scalar add (0 + v is not v for v = -0) and a
+// register shuffle per call, where a broadcast load folds into the load port.
+inline vec16 splat(float v) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vec16>(_mm512_set1_ps(v));
+#else
+  vec16 out;
+  for (int i = 0; i < kLanes; ++i) out[i] = v;
+  return out;
+#endif
+}
 
 inline float hsum(vec16 v) {
   float s = 0.f;
@@ -29,6 +44,20 @@ inline float hsum(vec16 v) {
 }
 
 inline vec16 vmax(vec16 a, vec16 b) { return a > b ? a : b; }
+
+// a * b + c with one rounding, lane for lane. Written out (not left to -ffp-contract)
+// where a scalar fmaf chain must reproduce the same bits: contraction may fuse either
+// product of a sum of two products.
+inline vec16 fma16(vec16 a, vec16 b, vec16 c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vec16>(_mm512_fmadd_ps(
+      reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
+#else
+  vec16 out;
+  for (int i = 0; i < kLanes; ++i) out[i] = std::fma(a[i], b[i], c[i]);
+  return out;
+#endif
+}
 
 // exp(x) for x <= 0 (softmax arguments): x = n ln2 + r with n = round(x / ln2) and
 // |r| <= ln2 / 2, then 2^n times a degree-6 polynomial for e^r (Cephes' expf
