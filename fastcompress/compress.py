@@ -11,6 +11,8 @@ out_proj are small torch ops, so autograd reaches every weight.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -289,7 +291,36 @@ def _attend(
         meta = meta_token_attention_reference(x, *weights)
         pooled = pool_compress_reference(x, grid, stride) if stride else x[:, :0]
         return meta, pooled
+    if _inference_in_one_call(x, weights, backend):
+        return torch.ops.fastcompress_cpu.compress_forward(
+            x.contiguous(), queries, in_w, in_b, out_w, out_b, num_heads, *grid, stride
+        )
     folded = fold_queries(queries, in_w, in_b, num_heads)
     context, pooled = _meta_context_pool_op(x, folded, grid[0], grid[1], stride, backend or "")
     meta = finish_meta(context, in_w, in_b, out_w, out_b, num_heads)
     return meta.to(x.dtype), pooled
+
+
+def _inference_in_one_call(x: Tensor, weights: tuple, backend: str | None) -> bool:
+    """Whether ``fastcompress_cpu::compress_forward`` (fold + X pass + finish in one C++
+    call) serves this eager, no-grad, float32 CPU call: it saves ~0.15 ms of Python
+    dispatch, a quarter of the whole forward at d = 64. Traced code keeps the custom op
+    with its autograd and fake."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    tensors = (x,) + tuple(w for w in weights if isinstance(w, Tensor))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if select_backend(x.device, backend, op="compress") != "cpu":
+        return False
+    _register_inference_fake()
+    return True
+
+
+@functools.cache
+def _register_inference_fake() -> None:
+    @torch.library.register_fake("fastcompress_cpu::compress_forward")
+    def _(x, queries, in_w, in_b, out_w, out_b, num_heads, grid_h, grid_w, stride):
+        batch, tokens, dim = x.shape
+        pooled = tokens // stride**2 if stride else 0
+        return x.new_empty((batch, queries.shape[0], dim)), x.new_empty((batch, pooled, dim))

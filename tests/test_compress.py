@@ -257,3 +257,69 @@ def test_cpu_kernel_bad_input():
         RuntimeError, match="grid 4x4 is not divisible by stride 3|must be 0, 2 or 4"
     ):
         op(x, folded, 4, 4, 3)
+
+
+# ------------------------------------------- inference: one C++ call (fold, pass, finish)
+
+
+def _forbid_custom_op(monkeypatch):
+    def custom_op(*args):
+        raise AssertionError("no-grad float32 on cpu must take compress_forward")
+
+    monkeypatch.setattr(compress_mod, "_meta_context_pool_op", custom_op)
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inference_call_matches_multihead_attention(monkeypatch, stride, bias, batch):
+    x, weights, mha = _problem(batch=batch, bias=bias, seed=batch + stride)
+    with torch.no_grad():
+        want_meta, want_pooled = _expected(x, (12, 8), stride, weights, mha)
+        _forbid_custom_op(monkeypatch)
+        meta, pooled = fc.compress(x, (12, 8), stride, *weights, backend="cpu")
+        attended = fc.meta_token_attention(x, *weights, backend="cpu")
+    torch.testing.assert_close(meta, want_meta, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attended, want_meta, rtol=1e-5, atol=1e-5)
+    assert torch.equal(pooled, want_pooled)
+
+
+def test_inference_call_non_contiguous_and_nan(monkeypatch):
+    x, weights, mha = _problem(batch=2, dim=40, heads=5)
+    wide = torch.randn(2, 96, 80)
+    wide[..., ::2] = x
+    x_strided = wide[..., ::2]
+    with torch.no_grad():
+        want_meta, want_pooled = _expected(x, (12, 8), 2, weights, mha)
+        _forbid_custom_op(monkeypatch)
+        meta, pooled = fc.compress(x_strided, (12, 8), 2, *weights)
+        torch.testing.assert_close(meta, want_meta, rtol=1e-5, atol=1e-5)
+        assert torch.equal(pooled, want_pooled)
+        x[1, 7, 0] = float("inf")
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            fc.compress(x, (12, 8), 2, *weights)
+
+
+def test_gradients_keep_the_custom_op(monkeypatch):
+    # Weights that require grad: the autograd-aware custom op, not the inference call.
+    x, weights, _ = _problem(batch=2)
+    meta, _ = fc.compress(x, (12, 8), 2, *weights, backend="cpu")
+    assert meta.grad_fn is not None
+    _forbid_custom_op(monkeypatch)
+    with pytest.raises(AssertionError, match="must take compress_forward"):
+        fc.compress(x, (12, 8), 2, *weights, backend="cpu")
+
+
+def test_inference_op_opcheck_and_bad_input():
+    x, weights, _ = _problem(batch=2)
+    weights = [w.detach() if isinstance(w, torch.Tensor) else w for w in weights]
+    with torch.no_grad():
+        fc.compress(x, (12, 8), 2, *weights, backend="cpu")  # registers the fake
+    op = torch.ops.fastcompress_cpu.compress_forward
+    torch.library.opcheck(op, (x, *weights, 12, 8, 2))
+    bad = list(weights)
+    bad[1] = bad[1][:, :40]
+    with pytest.raises(RuntimeError, match=r"in_proj_weight must be float32 \(144, 48\)"):
+        op(x, *bad, 12, 8, 2)
+    with pytest.raises(RuntimeError, match=r"out_proj_bias must be float32 \(48\)"):
+        op(x, *weights[:4], weights[4][:3], weights[5], 12, 8, 2)
