@@ -80,7 +80,7 @@ def test_compress_forward(benchmark, record, dim, stride, impl):
         record(benchmark, impl, "matches reference", None)
         benchmark.extra_info.update(_info(dim, stride))
         benchmark.pedantic(
-            fn, args=(x, weights), rounds=10 if dim < 1024 else 5, iterations=1, warmup_rounds=1
+            fn, args=(x, weights), rounds=30 if dim < 1024 else 10, iterations=1, warmup_rounds=2
         )
 
 
