@@ -6,7 +6,9 @@
 (the key bias is constant over j and cancels in the softmax) and the output is
 ``(sum_j p_j x_j) W_v,h^T + b_v,h`` (the weights sum to one). The X pass is the custom
 op ``fastcompress::meta_context_pool``; folding the queries and finishing with W_v and
-out_proj are small torch ops, so autograd reaches every weight.
+out_proj are small torch ops, so autograd reaches every weight. Eager float32 CPU calls
+without autograd take ``fastcompress_cpu::compress_forward`` instead: the same three
+steps in one C++ call.
 """
 
 from __future__ import annotations

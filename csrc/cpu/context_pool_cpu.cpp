@@ -141,8 +141,7 @@ at::Tensor finish_meta_head_major(const at::Tensor& context, const at::Tensor& w
                                   const at::Tensor& b_out, int64_t heads) {
   const int64_t batch = context.size(0), d = context.size(2), head_dim = d / heads;
   const int64_t n = context.size(1) / heads;
-  // (heads, B, n, d): a permuted view; bmm reads it through its strides (one copy in MKL's
-  // packing, not a separate pass).
+  // (heads, B n, d): the reshape copies the B * M * d context (small next to the weights).
   const auto per_head =
       context.view({batch, heads, n, d}).transpose(0, 1).reshape({heads, batch * n, d});
   const auto values = at::bmm(
