@@ -53,6 +53,16 @@ inline void score_code(const vfloat (&z)[RV][D], const float* row, float bias, v
   }
 }
 
+// Best code of one chunk over all codes: the shared scalar scan (generic-d path, and the
+// safety net of the vector search).
+inline int32_t best_code_scalar(const float* chunk, const float* book, const float* bias, int dim,
+                                int64_t vocab) {
+  float best = -std::numeric_limits<float>::infinity();
+  int32_t code = 0;
+  scan_codes(chunk, book, bias, dim, 0, static_cast<int32_t>(vocab), &best, &code);
+  return code;
+}
+
 // Best code for kLanes * RV chunks at once: lane i of vector v is chunk v * 16 + i.
 // `chunks_t` is (D, RV * 16): the chunks transposed so that each dimension is a vector;
 // `chunks` is the same (RV * 16, D) row-major, for the rescans.
@@ -68,7 +78,7 @@ void search_block(const float* chunks_t, const float* chunks, const float* book,
   vint best_block[RV];
   for (int v = 0; v < RV; ++v) {
     for (int j = 0; j < D; ++j) z[v][j] = load16(chunks_t + j * RV * kLanes + v * kLanes);
-    best[v] = vfloat{} - std::numeric_limits<float>::infinity();
+    best[v] = simd::splat(-std::numeric_limits<float>::infinity());
     best_block[v] = vint{};
   }
   vint block = vint{};
@@ -100,11 +110,7 @@ void search_block(const float* chunks_t, const float* chunks, const float* book,
       // Were a toolchain to break that, the full scalar scan keeps the answer exact.
       scan_codes(chunk, book, bias, D, static_cast<int32_t>(k0),
                  static_cast<int32_t>(std::min(vocab, k0 + kCodeBlock)), &found, &code);
-      if (found != best[v][lane]) {
-        found = -std::numeric_limits<float>::infinity();
-        scan_codes(chunk, book, bias, D, 0, static_cast<int32_t>(vocab), &found, &code);
-      }
-      best_code[r] = code;
+      best_code[r] = found == best[v][lane] ? code : best_code_scalar(chunk, book, bias, D, vocab);
     }
   }
 }
@@ -112,12 +118,8 @@ void search_block(const float* chunks_t, const float* chunks, const float* book,
 // Generic-d path: the shared scalar scan over row-major codes.
 inline void search_block_scalar(const float* chunks, const float* book, const float* bias, int dim,
                                 int64_t vocab, int rows, int32_t* best_code) {
-  for (int r = 0; r < rows; ++r) {
-    float best = -std::numeric_limits<float>::infinity();
-    int32_t code = 0;
-    scan_codes(chunks + r * dim, book, bias, dim, 0, static_cast<int32_t>(vocab), &best, &code);
-    best_code[r] = code;
-  }
+  for (int r = 0; r < rows; ++r)
+    best_code[r] = best_code_scalar(chunks + r * dim, book, bias, dim, vocab);
 }
 
 struct Problem {
