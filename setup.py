@@ -1,66 +1,55 @@
-"""Build: pip install --no-build-isolation --no-deps -e .
+"""Install: ``pip install .`` (or ``-e .``), with or without build isolation.
 
-Build isolation would pull a CUDA torch and a conflicting Triton from the registry, so
-the build uses the torch already installed. The CPU extension is built when a C++
-compiler is present; the CUDA extension only when the installed torch has CUDA
-(``CUDAExtension`` cannot build against the CPU torch). Without either, the package
-still installs and runs on the torch reference.
+By default this is a pure-Python install: nothing is compiled and torch is not imported,
+so build isolation cannot drag in a second torch. The C++ CPU extension is built just in
+time on first use, for the user's own torch and CPU (``fastcompress build`` does it
+eagerly), from the sources shipped inside the package (``fastcompress/_csrc``).
+
+``FASTCOMPRESS_AOT=1`` builds it ahead of time instead, against the torch that is already
+installed (so use ``--no-build-isolation``), and the CUDA extension as well where that
+torch has CUDA and nvcc is present. Either way every CPU ISA level is compiled into the
+one extension and chosen at run time: no ``-march=native`` binary is ever shipped.
 """
 
 import os
-import shutil
 
 from setuptools import setup
 
-ext_modules, cmdclass = [], {}
-if os.environ.get("FASTCOMPRESS_NO_EXT", "0") != "1" and shutil.which("c++"):
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+PACKAGES = ["fastcompress", "fastcompress.reference", "fastcompress.nn"]
+PACKAGE_DIR = {"fastcompress.triton_kernels": "triton_kernels", "fastcompress._csrc": "csrc"}
+CSRC_DATA = ["include/fastcompress/*", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp"]
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    include = [os.path.abspath("csrc/include")]
-    ext_modules.append(
-        CppExtension(
-            "fastcompress._C_cpu",
-            [
-                "csrc/cpu/mcq_cpu.cpp",
-                "csrc/cpu/decode_step_cpu.cpp",
-                "csrc/cpu/context_pool_cpu.cpp",
-            ],
-            include_dirs=include,
-            extra_compile_args=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
-            extra_link_args=["-fopenmp"],
-        )
-    )
-    if torch.version.cuda is not None and shutil.which("nvcc"):
-        ext_modules.append(
-            CUDAExtension(
-                "fastcompress._C_cuda",
-                ["csrc/cuda/mcq_binding.cpp", "csrc/cuda/mcq_search.cu"],
-                include_dirs=include,
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-            )
-        )
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+def _ahead_of_time():
+    """ext_modules and cmdclass of the optional ahead-of-time build."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fastcompress import _build
+
+    return _build.setup_extensions()
+
+
+ext_modules, cmdclass = ([], {})
+if os.environ.get("FASTCOMPRESS_AOT", "0") == "1":
+    ext_modules, cmdclass = _ahead_of_time()
 
 setup(
     name="fastcompress",
     version="0.1.0",
     description="Fused kernels for visual-token compression in unified multimodal models",
-    packages=[
-        "fastcompress",
-        "fastcompress.reference",
-        "fastcompress.nn",
-        "fastcompress.triton_kernels",
-    ],
-    package_dir={"fastcompress.triton_kernels": "triton_kernels"},
+    packages=PACKAGES + list(PACKAGE_DIR),
+    package_dir=PACKAGE_DIR,
+    package_data={"fastcompress._csrc": CSRC_DATA},
     python_requires=">=3.10",
-    # torch is deliberately not listed: any spec here would let pip replace the CPU build
-    # with a CUDA one. Install torch first (see README).
-    install_requires=["numpy", "tqdm", "filelock"],
+    # A range, never a pin: an installed torch inside it is kept as it is. 2.4 is the
+    # oldest torch with torch.library.custom_op / register_fake / register_autograd.
+    install_requires=["torch>=2.4", "tqdm", "filelock", "ninja"],
     extras_require={
-        "triton": ["triton"],
-        "bench": ["pytest-benchmark", "matplotlib", "nvidia-ml-py"],
+        # The Triton 3.6 interpreter (TRITON_INTERPRET=1) breaks on numpy 2.4.
+        "triton": ["triton>=3.2", "numpy<2.4"],
+        "bench": ["pytest-benchmark", "matplotlib", "nvidia-ml-py", "faiss-cpu"],
+        "test": ["pytest", "numpy<2.4"],
     },
     entry_points={"console_scripts": ["fastcompress=fastcompress.cli:main"]},
     ext_modules=ext_modules,

@@ -1,9 +1,11 @@
 """Loading the C++ extensions.
 
-The CPU extension (``csrc/cpu``) is built ahead of time by ``setup.py`` when a compiler
-is there, else just in time on first use with ninja (under a file lock, so two
-processes never build at once). Without a compiler the package still imports and runs
-on the reference backend; the reason is kept for ``fastcompress info``.
+The CPU extension is built just in time on first use (ninja, under a file lock, so two
+processes never build at once) into ``FASTCOMPRESS_CACHE_DIR/cpu-<key>``, where the key
+hashes the sources, flags, torch, Python, compiler and architecture (``_build.py``). An
+ahead-of-time build (``FASTCOMPRESS_AOT=1 pip install``) is used instead while its key
+still matches. Without a compiler the package still imports and runs on the reference
+backend; the reason is kept for ``fastcompress info``.
 """
 
 from __future__ import annotations
@@ -15,67 +17,62 @@ import threading
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
-CPU_SOURCES = [
-    CSRC / "cpu" / name for name in ("mcq_cpu.cpp", "decode_step_cpu.cpp", "context_pool_cpu.cpp")
-]
-CPU_HEADERS = [
-    CSRC / "include" / "fastcompress" / "mcq_tile.cuh",
-    CSRC / "include" / "fastcompress" / "decode_step.h",
-    CSRC / "include" / "fastcompress" / "context_pool.h",
-    CSRC / "include" / "fastcompress" / "simd.h",
-]
-# ISA is chosen at build time: a baseline x86-64 build is ~8x slower than AVX-512.
-CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-std=c++17"]
-CPU_LDFLAGS = ["-fopenmp"]
+from fastcompress import _build
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def cache_dir() -> pathlib.Path:
+def cache_root() -> pathlib.Path:
     base = os.environ.get("FASTCOMPRESS_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastcompress"
     )
-    return pathlib.Path(base) / f"torch-{torch.__version__}"
+    return pathlib.Path(base)
 
 
-def _newest_source_mtime() -> float:
-    return max(p.stat().st_mtime for p in CPU_SOURCES + CPU_HEADERS if p.exists())
+def jit_flags() -> list[str]:
+    return _build.CPU_CFLAGS + _build.JIT_ONLY_CFLAGS
+
+
+def jit_build_dir() -> pathlib.Path:
+    return cache_root() / f"cpu-{_build.build_key(jit_flags(), torch.__version__)}"
 
 
 def _prebuilt_cpu_library() -> str | None:
     spec = importlib.util.find_spec("fastcompress._C_cpu")
     if spec is None or spec.origin is None:
         return None
-    if CPU_SOURCES[0].exists() and os.path.getmtime(spec.origin) < _newest_source_mtime():
-        return None  # sources edited since the ahead-of-time build: rebuild just in time
+    key_file = pathlib.Path(spec.origin + ".key")
+    want = _build.build_key(_build.CPU_CFLAGS, torch.__version__)
+    if not key_file.exists() or key_file.read_text().strip() != want:
+        return None  # built from other sources or for another torch: build just in time
     return spec.origin
 
 
-def _jit_build_cpu() -> None:
+def _jit_build_cpu(verbose: bool) -> str:
     from filelock import FileLock
     from torch.utils import cpp_extension
 
-    if not CPU_SOURCES[0].exists():
-        raise RuntimeError(f"C++ sources not found at {CSRC} and no prebuilt extension")
-    build_dir = cache_dir() / "cpu"
+    sources = _build.cpu_sources()
+    if not sources[0].exists():
+        raise RuntimeError(f"C++ sources not found at {sources[0].parent}")
+    build_dir = jit_build_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(build_dir / "build.lock")):
         cpp_extension.load(
             name="fastcompress_cpu_jit",
-            sources=[str(p) for p in CPU_SOURCES],
-            extra_include_paths=[str(CSRC / "include")],
-            extra_cflags=CPU_CFLAGS,
-            extra_ldflags=CPU_LDFLAGS,
+            sources=[str(p) for p in sources],
+            extra_include_paths=[str(_build.csrc_root() / "include")],
+            extra_cflags=jit_flags(),
+            extra_ldflags=_build.CPU_LDFLAGS,
             build_directory=str(build_dir),
             is_python_module=False,
-            verbose=os.environ.get("FASTCOMPRESS_VERBOSE_BUILD", "0") == "1",
+            verbose=verbose or os.environ.get("FASTCOMPRESS_VERBOSE_BUILD", "0") == "1",
         )
+    return str(build_dir)
 
 
-def load_cpu_extension(raise_on_error: bool = True) -> bool:
+def load_cpu_extension(raise_on_error: bool = True, verbose: bool = False) -> bool:
     """Load (building if needed) the CPU extension; return whether it is usable."""
     with _lock:
         if "cpu" not in _state:
@@ -85,8 +82,9 @@ def load_cpu_extension(raise_on_error: bool = True) -> bool:
                 prebuilt = _prebuilt_cpu_library()
                 if prebuilt is not None:
                     torch.ops.load_library(prebuilt)
+                    _state["cpu_from"] = prebuilt
                 else:
-                    _jit_build_cpu()
+                    _state["cpu_from"] = _jit_build_cpu(verbose)
                 _state["cpu"] = True
             except Exception as exc:  # no compiler, failed build: reference still works
                 _state["cpu"] = False
@@ -98,6 +96,11 @@ def load_cpu_extension(raise_on_error: bool = True) -> bool:
 
 def cpu_error() -> str:
     return str(_state.get("cpu_error", ""))
+
+
+def cpu_origin() -> str:
+    """Where the loaded CPU extension came from (AOT library or JIT build folder)."""
+    return str(_state.get("cpu_from", ""))
 
 
 def load_cuda_extension(raise_on_error: bool = True) -> bool:

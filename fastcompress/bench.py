@@ -9,11 +9,13 @@ peak through ``/proc/self/clear_refs``).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -73,6 +75,23 @@ def measure(
     return statistics.median(times), peak
 
 
+def _return_freed_memory() -> None:
+    """Make freed memory leave the RSS, so that the peak RSS of a call measures what the
+    call needs. glibc keeps freed heap chunks, and after the first large free it raises
+    its mmap threshold (up to 32 MiB), so a repeated call reuses memory already counted
+    and reads as a 0 MiB peak. Pinning the threshold keeps every large tensor in its own
+    mapping (returned on free); malloc_trim releases what the heap holds."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 256 * 1024)
+    libc.malloc_trim(0)
+
+
 def _peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -82,6 +101,7 @@ def _peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | N
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     try:
+        _return_freed_memory()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         before = _status()["VmRSS"]
@@ -165,8 +185,13 @@ def _unit_chunks(z: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.view(-1, groups, dim), dim=-1).reshape(z.shape).contiguous()
 
 
-def mcq_search_impls(z: torch.Tensor, books: torch.Tensor, peers: bool = True):
-    """name -> (callable returning (N, G) indices, input it is called with)."""
+def mcq_search_impls(z: torch.Tensor, books: torch.Tensor, peers: str = "faiss"):
+    """name -> (callable returning (N, G) indices, input it is called with).
+
+    ``peers``: "none", "faiss", or "all" (adds vector-quantize-pytorch, whose full
+    h x N x K distance matrix peaks at ~8 GB at the UniTok shape with N = 16384)."""
+    if peers not in ("none", "faiss", "all"):
+        raise ValueError(f"peers must be 'none', 'faiss' or 'all', got {peers!r}")
     impls: dict[str, tuple[Callable, torch.Tensor]] = {}
     device = z.device
     for name, status in available_backends(device).items():
@@ -177,11 +202,11 @@ def mcq_search_impls(z: torch.Tensor, books: torch.Tensor, peers: bool = True):
             )
     impls["torch reference"] = (lambda x: mcq_search_reference(x, books), z)
     impls["UniTok-style torch"] = (lambda x: unitok_style_search(x, books), z)
-    if peers and device.type == "cpu":
+    if peers != "none" and device.type == "cpu":
         unit = _unit_chunks(z, books)
         if importlib.util.find_spec("faiss"):
             impls["faiss-cpu PQ"] = (FaissPQ(books), unit.numpy())
-        if importlib.util.find_spec("vector_quantize_pytorch"):
+        if peers == "all" and importlib.util.find_spec("vector_quantize_pytorch"):
             impls["vector-quantize-pytorch"] = (VectorQuantizePytorch(books), unit)
     return impls
 
@@ -203,7 +228,7 @@ def index_parity(idx: torch.Tensor, ref: torch.Tensor, z: torch.Tensor, books: t
 
 
 def bench_mcq_search(
-    config: str = "unitok", n: int = 16384, device: str = "cpu", peers: bool = True, progress=None
+    config: str = "unitok", n: int = 16384, device: str = "cpu", peers: str = "faiss", progress=None
 ) -> list[Result]:
     z, books = make_mcq_inputs(config, n, device)
     ref = mcq_search_reference(z, books)
@@ -291,17 +316,52 @@ def machine_info() -> dict:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
+            lines = f.read().splitlines()
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")
+        )
+        flags = next(
+            line.split(":", 1)[1].split()
+            for line in lines
+            if line.startswith(("flags", "Features"))
+        )
+        info["cpu_simd"] = sorted(set(flags) & SIMD_FLAGS)
     except (OSError, StopIteration):
         pass
+    info["date_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    info["commit"] = _commit()
     if importlib.util.find_spec("triton"):
         import triton
 
         info["triton"] = triton.__version__
     info["gpu"] = gpu_info()
     return info
+
+
+SIMD_FLAGS = {
+    "sse2", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw",
+    "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile",
+    "asimd", "sve", "sve2", "bf16",
+}  # fmt: skip
+
+
+def _commit() -> str:
+    """The checkout's commit (with '-dirty' for local changes), or 'unknown' outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def gpu_info() -> dict | str:
@@ -369,10 +429,12 @@ def plot(results: list[Result], path: str) -> str | None:
         ms = [r.seconds * 1e3 for r in rows]
         colors = ["tab:green" if r.impl.startswith("fastcompress") else "tab:gray" for r in rows]
         bars = ax.barh([r.impl for r in rows], ms, color=colors)
-        ax.set_xscale("log")
+        # Linear from 0: bar lengths are proportional to time (a log axis that starts
+        # near the fastest bar makes every difference look large).
+        ax.set_xlim(0, max(ms) * 1.35)
         ax.invert_yaxis()
         ax.set_title(op)
-        ax.set_xlabel("milliseconds (log scale, lower is better)")
+        ax.set_xlabel("milliseconds (lower is better)")
         for bar, r in zip(bars, rows, strict=False):
             ax.text(
                 bar.get_width(),

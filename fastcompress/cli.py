@@ -1,12 +1,20 @@
-"""``fastcompress`` command line: ``demo`` (the main job), ``info``, ``bench``."""
+"""The ``fastcompress`` command line (also ``python -m fastcompress``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 
 import torch
+
+DESCRIPTION = (
+    "fastcompress: fused kernels for visual-token compression. "
+    "'demo' is the main job (train, compress, quantise, regenerate), "
+    "'info' shows the environment and backends, 'build' builds the C++ extension now, "
+    "'bench' times every backend and peer against the torch reference."
+)
 
 
 def cmd_info(_args) -> int:
@@ -16,7 +24,7 @@ def cmd_info(_args) -> int:
 
     print(f"fastcompress {__version__}")
     for key, value in machine_info().items():
-        print(f"  {key}: {json.dumps(value) if isinstance(value, dict) else value}")
+        print(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     print(f"  FASTCOMPRESS_BACKEND: {requested_backend(None)}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
@@ -26,9 +34,21 @@ def cmd_info(_args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from tqdm import tqdm
+def cmd_build(args) -> int:
+    from fastcompress import _ext
 
+    print("building the C++ CPU extension (just in time, cached) ...", flush=True)
+    start = time.perf_counter()
+    ok = _ext.load_cpu_extension(raise_on_error=False, verbose=args.verbose)
+    seconds = time.perf_counter() - start
+    if not ok:
+        print(f"failed after {seconds:.1f} s: {_ext.cpu_error()}")
+        return 1
+    print(f"CPU extension ready in {seconds:.1f} s: {_ext.cpu_origin()}")
+    return 0
+
+
+def cmd_bench(args) -> int:
     from fastcompress import bench
 
     torch.set_num_threads(args.threads)
@@ -38,17 +58,18 @@ def cmd_bench(args) -> int:
         faiss.omp_set_num_threads(args.threads)
     except ImportError:
         pass
+    peers = "none" if args.no_peers else args.peers
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device}, {args.threads} threads, config {args.config}, N = {args.n}")
+    start = time.perf_counter()
+
+    def note(name):  # one line per implementation: readable on a terminal and in a log
+        if not args.quiet:
+            print(f"  [{time.perf_counter() - start:6.1f} s] timing {name}", file=sys.stderr)
+
+    search = bench.bench_mcq_search(args.config, args.n, device, peers, note)
+    train = bench.bench_mcq_train(args.config, args.n, device, note)
     results = []
-    with tqdm(desc="bench", unit="impl", file=sys.stderr, disable=args.quiet) as bar:
-
-        def progress(name):
-            bar.set_postfix_str(name)
-            bar.update(1)
-
-        search = bench.bench_mcq_search(args.config, args.n, device, not args.no_peers, progress)
-        train = bench.bench_mcq_train(args.config, args.n, device, progress)
     for table in (search, train):
         print(bench.format_table(table))
         print()
@@ -74,35 +95,58 @@ def cmd_demo(args) -> int:
     return 0 if report["fast_vs_reference_max_abs_diff"] < 1e-3 else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastcompress", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="environment and which backends can run").set_defaults(fn=cmd_info)
-    bench = sub.add_parser("bench", help="time every backend and peer against the reference")
-    bench.add_argument("--config", choices=["unitok", "mgvq"], default="unitok")
-    bench.add_argument("--n", type=int, default=16384, help="number of feature vectors")
-    bench.add_argument("--threads", type=int, default=2)
-    bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    bench.add_argument(
-        "--no-peers", action="store_true", help="skip faiss / vector-quantize-pytorch"
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastcompress", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("info", help="environment, CPU ISA level and which backends can run").set_defaults(
+        fn=cmd_info
     )
+    build = sub.add_parser("build", help="build the C++ extension now (otherwise on first use)")
+    build.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    build.set_defaults(fn=cmd_build)
+
+    bench = sub.add_parser("bench", help="time every backend and peer against the reference")
+    bench.add_argument(
+        "--config",
+        choices=["unitok", "mgvq"],
+        default="unitok",
+        help="codebook shape: unitok = 8 x 4096 x 8 (default), mgvq = 8 x 2048 x 4",
+    )
+    bench.add_argument("--n", type=int, default=16384, help="number of feature vectors (16384)")
+    bench.add_argument("--threads", type=int, default=2, help="CPU threads for every impl (2)")
+    bench.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available"
+    )
+    bench.add_argument(
+        "--peers",
+        choices=["none", "faiss", "all"],
+        default="faiss",
+        help="peers to run beside the reference: faiss-cpu (default), all adds "
+        "vector-quantize-pytorch (builds the full h x N x K matrix: ~8 GB at N = 16384)",
+    )
+    bench.add_argument("--no-peers", action="store_true", help="same as --peers none")
     bench.add_argument("--out", default="bench-results", help="folder for the JSON and PNG")
-    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--quiet", action="store_true", help="no progress display")
     bench.set_defaults(fn=cmd_bench)
-    demo = sub.add_parser("demo", help="train, compress, quantise, regenerate; report + plot")
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--batch", type=int, default=16)
-    demo.add_argument("--dim", type=int, default=64)
-    demo.add_argument("--grid", type=int, default=16)
-    demo.add_argument("--depth", type=int, default=2)
-    demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="demo-results")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    demo = sub.add_parser("demo", help="the main job: train, compress, quantise, regenerate")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (300)")
+    demo.add_argument("--batch", type=int, default=16, help="grids per training step (16)")
+    demo.add_argument("--dim", type=int, default=64, help="token width d (64)")
+    demo.add_argument("--grid", type=int, default=16, help="grid side H = W (16)")
+    demo.add_argument("--depth", type=int, default=2, help="decoder layers (2)")
+    demo.add_argument("--threads", type=int, default=2, help="CPU threads (2)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    demo.add_argument("--out", default="demo-results", help="folder for report, figure, checkpoint")
+    demo.add_argument("--quiet", action="store_true", help="no progress display")
     demo.set_defaults(fn=cmd_demo)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -50,9 +50,12 @@ def _check_attention(
     x, queries, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads
 ) -> None:
     dim = x.shape[-1]
-    check_tensor("queries", queries, ndim=2)
-    if queries.shape[1] != dim or queries.shape[0] == 0:
-        raise ValueError(f"queries must be (N_g, d={dim}) with N_g > 0, got {tuple(queries.shape)}")
+    check_tensor("queries", queries)
+    if queries.dim() != 2 or queries.shape[1] != dim or queries.shape[0] == 0:
+        raise ValueError(
+            f"queries must be 2-D (N_g, d={dim}) with N_g > 0, got {tuple(queries.shape)}"
+            + ("; for a (1, N_g, d) parameter pass queries[0]" if queries.dim() == 3 else "")
+        )
     if num_heads <= 0 or dim % num_heads:
         raise ValueError(f"num_heads={num_heads} must divide d={dim}")
     expected = {
@@ -267,7 +270,8 @@ def compress(
     ----------
     x : ``(B, T, d)`` tokens of a row-major ``grid = (H, W)``, ``T = H * W``.
     stride : 2 or 4 (H and W divisible by it).
-    queries : ``(N_g, d)`` learned meta queries.
+    queries : ``(N_g, d)`` learned meta queries, 2-D (pass ``q[0]`` for a ``(1, N_g, d)``
+        parameter).
     in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, num_heads :
         the parameters of an ``nn.MultiheadAttention(d, num_heads)``.
 

@@ -319,6 +319,7 @@ def _rows(z: Tensor, books: Tensor, channel_dim: int) -> tuple[Tensor, int]:
         raise ValueError(
             f"channel_dim={channel_dim} is out of range for z of shape {tuple(z.shape)}"
         )
+    given = channel_dim
     channel_dim %= z.dim()
     groups, vocab, dim = books.shape
     channels = z.shape[channel_dim]
@@ -327,7 +328,8 @@ def _rows(z: Tensor, books: Tensor, channel_dim: int) -> tuple[Tensor, int]:
     if channels != groups * dim:
         hint = f"; C={channels} is not divisible by G={groups}" if channels % groups else ""
         raise ValueError(
-            f"z has C={channels} channels on channel_dim={channel_dim}, but codebooks "
+            f"z of shape {tuple(z.shape)} has C={channels} channels on channel_dim={given} "
+            f"(its dim {channel_dim}), but codebooks "
             f"{tuple(books.shape)} (G, K, d) expect C = G*d = {groups * dim}{hint}"
         )
     moved = z.movedim(channel_dim, -1)

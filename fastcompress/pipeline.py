@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcompress._progress import progress as progress_bar
 from fastcompress.compress import compress
 from fastcompress.nn import ARDecompressor, MultiCodebookQuantizer, UniCompressor
 
@@ -140,11 +141,15 @@ def train(
     optimizer = torch.optim.AdamW(stack.parameters(), lr=lr, weight_decay=0.0)
     stack.train()
     losses = []
+    recons: list[float] = []
     iterator = range(steps)
     if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="train", unit="step")
+        iterator = progress_bar(
+            iterator,
+            desc="train",
+            unit="step",
+            postfix=lambda: f"loss={losses[-1]:.4f} recon={recons[-1]:.4f}",
+        )
     for _ in iterator:
         x = synthetic_grids(batch, stack.config, generator)
         loss, recon, _ = stack(x)
@@ -152,8 +157,7 @@ def train(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        if progress:
-            iterator.set_postfix(loss=f"{losses[-1]:.4f}", recon=f"{float(recon.detach()):.4f}")
+        recons.append(float(recon.detach()))
     stack.eval()
     return losses
 

@@ -7,8 +7,17 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if importlib.util.find_spec("fastcompress.triton_kernels") is None:
+    pytest.exit(
+        "fastcompress is not installed from this checkout (fastcompress.triton_kernels is "
+        "missing): run `make test`, or `pip install --no-build-isolation -e .` first",
+        returncode=4,
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -51,3 +51,24 @@ def assert_same_codes(z_rows, books, idx, ref_idx, normalize, tol=NEAR_TIE, max_
     gap = ((want - got) / scale).abs().max().item()
     assert gap <= tol, f"{int(differ.sum())} indices differ, score gap {gap:.3g} > {tol}"
     assert differ.float().mean().item() <= max_frac, f"{int(differ.sum())} near-ties is too many"
+
+
+def exact_tie_problem(n, groups, distinct, dim, repeats, normalize, interleave, seed=0):
+    """Codebooks whose rows each appear ``repeats`` times, on values where every score is
+    exact in float32 whatever the summation order (BLAS kernel, SIMD width, interpreter):
+    for L2, small integers; for cosine, rows of four +-1 entries (norm 2, so the unit
+    rows are +-0.5 and every product and partial sum is a multiple of 1/4). Ties between
+    copies are then exact, and the lowest index must win on every host."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rows(count):
+        if not normalize:
+            return torch.randint(-3, 4, (count, dim), generator=gen).float()
+        support = torch.rand(count, dim, generator=gen).argsort(-1)[:, :4]
+        signs = torch.randint(0, 2, (count, 4), generator=gen).float() * 2 - 1
+        return torch.zeros(count, dim).scatter_(1, support, signs)
+
+    base = rows(groups * distinct).view(groups, distinct, dim)
+    books = base.repeat_interleave(repeats, dim=1) if interleave else base.repeat(1, repeats, 1)
+    z = rows(n * groups).view(n, groups * dim)
+    return z, books

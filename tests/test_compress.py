@@ -186,7 +186,7 @@ def test_bad_weights():
     q, w_in, b_in, w_out, b_out, heads = weights
     with pytest.raises(ValueError, match=r"in_proj_weight must have shape \(144, 48\)"):
         fc.compress(x, (12, 8), 2, q, w_in[:100], b_in, w_out, b_out, heads)
-    with pytest.raises(ValueError, match=r"queries must be \(N_g, d=48\)"):
+    with pytest.raises(ValueError, match=r"queries must be 2-D \(N_g, d=48\)"):
         fc.compress(x, (12, 8), 2, q[:, :40], w_in, b_in, w_out, b_out, heads)
     with pytest.raises(ValueError, match="num_heads=5 must divide d=48"):
         fc.compress(x, (12, 8), 2, q, w_in, b_in, w_out, b_out, 5)

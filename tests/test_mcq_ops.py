@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import TOLERANCE, assert_same_codes, make_problem
+from helpers import TOLERANCE, assert_same_codes, exact_tie_problem, make_problem
 
 import fastcompress as fc
 from fastcompress._backend import triton_available
@@ -48,9 +48,7 @@ def test_quantize_matches_reference(backend, dtype, normalize):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_resolve_to_lowest_index(backend):
     # Every code appears three times; the search must return the first copy.
-    base = torch.randn(2, 20, 8)
-    books = base.repeat(1, 3, 1)
-    z = torch.randn(50, 16)
+    z, books = exact_tie_problem(50, 2, 20, 8, 3, normalize=True, interleave=False)
     idx = fc.mcq_search(z, books, backend=backend)
     assert idx.max() < 20
     assert torch.equal(idx, mcq_search_reference(z, books, True))
@@ -61,9 +59,7 @@ def test_ties_resolve_to_lowest_index(backend):
 def test_ties_inside_a_code_block_resolve_to_lowest_index(backend, normalize):
     # Adjacent copies (codes 3i, 3i+1, 3i+2 equal) fall in the same 8-code block of the
     # CPU search, whose rescan must still return the first copy; K = 93 leaves a tail.
-    torch.manual_seed(11)
-    books = torch.randn(2, 31, 8).repeat_interleave(3, dim=1)
-    z = torch.randn(200, 16)
+    z, books = exact_tie_problem(200, 2, 31, 8, 3, normalize=normalize, interleave=True)
     idx = fc.mcq_search(z, books, normalize=normalize, backend=backend)
     assert (idx % 3 == 0).all()
     assert torch.equal(idx, mcq_search_reference(z, books, normalize))

@@ -234,9 +234,9 @@ class ARDecompressor(nn.Module):
         out = torch.empty(batch, steps, self.dim, device=device, dtype=dtype)
         iterator = range(steps)
         if progress:
-            from tqdm import tqdm
+            from fastcompress._progress import progress as progress_bar
 
-            iterator = tqdm(iterator, desc="generate", unit="tok")
+            iterator = progress_bar(iterator, desc="generate", unit="tok")
         for t in iterator:
             y = step(x, t)
             if quantize is not None:
