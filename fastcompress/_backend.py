@@ -115,3 +115,13 @@ def available_backends(device: torch.device) -> dict[str, str]:
         ok, why = backend_available(name, device)
         out[name] = "yes" if ok else why
     return out
+
+
+def shape_fallback(name: str, backend: str | None, reason: str | None, *, op: str) -> str:
+    """``name`` if its kernel takes the shape (``reason`` is None). Else: under ``auto``
+    the reference (the kernel's limits are part of choosing); a forced backend raises."""
+    if reason is None:
+        return name
+    if requested_backend(backend) == "auto":
+        return "reference"
+    raise BackendUnavailableError(f"{op}: backend {name!r} was forced but {reason}")

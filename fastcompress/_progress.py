@@ -27,7 +27,9 @@ def progress(
     ``postfix``, if given, is called after each item and its string is shown with the bar.
     """
     out = file or sys.stderr
-    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    total = (
+        total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    )
     if out.isatty():
         from tqdm import tqdm
 

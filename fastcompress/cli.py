@@ -98,9 +98,9 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcompress", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("info", help="environment, CPU ISA level and which backends can run").set_defaults(
-        fn=cmd_info
-    )
+    sub.add_parser(
+        "info", help="environment, CPU ISA level and which backends can run"
+    ).set_defaults(fn=cmd_info)
     build = sub.add_parser("build", help="build the C++ extension now (otherwise on first use)")
     build.add_argument("--verbose", action="store_true", help="show the compiler's output")
     build.set_defaults(fn=cmd_build)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcompress._backend import select_backend
+from fastcompress._backend import select_backend, shape_fallback
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
 from fastcompress.reference.compress import (
     meta_token_attention_reference,
@@ -144,6 +144,11 @@ def _meta_context_pool_impl(
     x: Tensor, folded: Tensor, grid_h: int, grid_w: int, stride: int, backend: str
 ) -> tuple[Tensor, Tensor]:
     name = select_backend(x.device, backend, op="compress")
+    if name == "triton":
+        from fastcompress.triton_kernels.compress import unsupported_reason
+
+        reason = unsupported_reason(grid_w, stride, folded.shape[0])
+        name = shape_fallback(name, backend, reason, op="compress")
     if name == "triton":
         from fastcompress.triton_kernels.compress import meta_context_pool_triton
 

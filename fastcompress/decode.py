@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastcompress._backend import BackendUnavailableError, select_backend
+from fastcompress._backend import BackendUnavailableError, select_backend, shape_fallback
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
 
 
@@ -93,15 +93,28 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 def _attend_cpu_fused(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float, causal: bool
-) -> tuple[Tensor, Tensor] | None:
-    """One split on CPU through ATen's fused flash kernel (which also returns the LSE).
-    Returns None where the math path must run (an empty cache row, no kernel)."""
+) -> tuple[Tensor, Tensor]:
+    """The whole 'cpu' backend: ATen's fused flash kernel (which also returns the LSE) over
+    the filled part, in one split (``num_splits`` schedules GPU programs; the merged
+    result is the same). Rows that see no key, in an empty cache or as causal queries
+    before the first key, get output 0 and LSE -inf like the reference: the flash kernel
+    alone gives them LSE 0, which an LSE merge would weigh as a real score."""
+    if _FLASH_CPU is None:
+        raise BackendUnavailableError(
+            "decode_attention: backend 'cpu' needs aten._scaled_dot_product_flash_attention_for_cpu"
+        )
     lo, hi = int(lengths.min()), int(lengths.max())
-    if _FLASH_CPU is None or lo == 0:
-        return None
     batch, sq, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
+    limit = lengths.view(batch, 1, 1, 1).long() - 1
+    if causal:
+        query = torch.arange(sq, device=q.device).repeat(group).view(1, 1, -1, 1)
+        limit = lengths.view(batch, 1, 1, 1).long() - sq + query
+    no_key = (limit < 0).expand(batch, kv_heads, group * sq, 1)
+    if hi == 0:
+        out = q.new_zeros((batch, heads, sq, dim), dtype=torch.float32)
+        return out, q.new_full((batch, heads, sq), float("-inf"), dtype=torch.float32)
     dtype = q.dtype if q.dtype == k_cache.dtype else torch.float32
     # GQA without copying the cache: the group's query heads become extra query rows.
     queries = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, group * sq, dim).to(dtype)
@@ -109,13 +122,13 @@ def _attend_cpu_fused(
     values = v_cache[:, :hi].transpose(1, 2).to(dtype)
     mask = None
     if lo != hi or (causal and sq > 1):  # per-sample lengths or a causal block of queries
-        limit = lengths.view(batch, 1, 1, 1).long() - 1
-        if causal:
-            query = torch.arange(sq, device=q.device).repeat(group).view(1, 1, -1, 1)
-            limit = lengths.view(batch, 1, 1, 1).long() - sq + query
         visible = torch.arange(hi, device=q.device).view(1, 1, 1, -1) <= limit
         mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
     out, lse = _FLASH_CPU(queries, keys, values, 0.0, False, attn_mask=mask, scale=scale)
+    blind = bool(no_key.any())
+    if blind:
+        out = out.masked_fill(no_key, 0.0)
+        lse = lse.masked_fill(no_key[..., 0], float("-inf"))
     return out.reshape(batch, heads, sq, dim), lse.reshape(batch, heads, sq).float()
 
 
@@ -158,14 +171,18 @@ def _decode_attention_impl(
     if k is not None:
         _append(k_cache, v_cache, k, v, cache_seqlens)
     name = select_backend(q.device, backend, op="decode_attention")
+    if name == "triton":
+        from fastcompress.triton_kernels.decode_attention import unsupported_reason
+
+        reason = unsupported_reason(heads, k_cache.shape[2], sq, dim)
+        name = shape_fallback(name, backend, reason, op="decode_attention")
     if num_splits > 0:
         splits = num_splits
     else:  # split-K pays off only on a GPU with few (batch, head) programs
         splits = 1 if q.device.type == "cpu" else _auto_splits(batch, k_cache.shape[2], s_max)
-    if name == "cpu" and splits == 1:
-        fused = _attend_cpu_fused(q, k_cache, v_cache, lengths, softmax_scale, causal)
-        if fused is not None:
-            return fused[0].transpose(1, 2).to(q.dtype), fused[1]
+    if name == "cpu":
+        out, lse = _attend_cpu_fused(q, k_cache, v_cache, lengths, softmax_scale, causal)
+        return out.transpose(1, 2).to(q.dtype), lse
     if name == "triton":
         from fastcompress.triton_kernels.decode_attention import decode_attention_triton
 

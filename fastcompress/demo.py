@@ -152,9 +152,7 @@ def _figure(report, losses, x, x_hat, path) -> str | None:
 
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     axes[0].plot(losses)
-    axes[0].set(
-        title="stage-1 loss", xlabel="step", ylabel="loss (recon + vq, log)", yscale="log"
-    )
+    axes[0].set(title="stage-1 loss", xlabel="step", ylabel="loss (recon + vq, log)", yscale="log")
     stages = list(STAGES)
     fast = [report["timings"]["fastcompress"][s] * 1e3 for s in stages]
     ref = [report["timings"]["torch reference"][s] * 1e3 for s in stages]

@@ -214,7 +214,7 @@ def mcq_backward_torch(
 _mcq_quantize_op.register_autograd(_quantize_backward, setup_context=_quantize_setup_context)
 
 
-# ------------------------------------------------------------------ fused entropy loss
+# -------------------------------------- entropy loss: row-chunked torch, two-pass gradient
 
 
 def _entropy_chunks(n: int, vocab: int) -> int:

@@ -79,23 +79,34 @@ def kernel_configs():
                 "beta": "fp32",
                 "inv_count": "fp32",
             }
-            const = dict(D=dim, D_PAD=padded_dim(dim), NORMALIZE=normalize, **bwd_blocks)
-            configs.append(
-                (
-                    f"mcq_backward d={dim} normalize={normalize}",
-                    mcq.mcq_backward_kernel,
-                    sig,
-                    const,
-                    bwd_opts,
+            for atomic in (True, False):
+                const = dict(
+                    D=dim, D_PAD=padded_dim(dim), NORMALIZE=normalize, ATOMIC_ROWS=atomic,
+                    **bwd_blocks,
+                )  # fmt: skip
+                configs.append(
+                    (
+                        f"mcq_backward d={dim} normalize={normalize} atomic={atomic}",
+                        mcq.mcq_backward_kernel,
+                        sig,
+                        const,
+                        bwd_opts,
+                    )
                 )
-            )
     from fastcompress.triton_kernels import compress
     from fastcompress.triton_kernels.compress import launch_config
 
-    # The benchmark shapes: 32 x 32 grid, 4 meta tokens x 8 heads = 32 folded queries.
-    for dim in (64, 256, 1024):
-        for stride in (2, 4, 0):
-            for dtype in ("fp32", "bf16"):
+    # The benchmark shapes (32 x 32 grid, 4 meta tokens x 8 heads = 32 folded queries),
+    # then the corners of what the launcher accepts (compress.unsupported_reason): the
+    # largest band, the most folded queries, and both at the limit of their product.
+    shapes = [(32, stride, dim, 32) for dim in (64, 256, 1024) for stride in (2, 4, 0)]
+    benchmark_shapes = len(shapes)
+    shapes += [(16, 4, 1024, 32), (8, 2, 1024, 32), (2, 2, 1024, 32), (4, 4, 1024, 32)]
+    shapes += [(32, 2, 1024, 17), (32, 4, 1024, 1)]
+    for i, (grid_w, stride, dim, rows) in enumerate(shapes):
+        tag = " corner" if i >= benchmark_shapes else ""
+        for dtype in ("fp32", "bf16"):
+            if True:
                 sig = {
                     "x_ptr": f"*{dtype}",
                     "a_ptr": "*fp32",
@@ -107,10 +118,10 @@ def kernel_configs():
                     "dim": "i32",
                     "tiles_per_split": "i32",
                 }
-                const, warps = launch_config(32, stride, dim, 32, dtype == "fp32")
+                const, warps = launch_config(grid_w, stride, dim, rows, dtype == "fp32")
                 configs.append(
                     (
-                        f"meta_context_pool d={dim} stride={stride} {dtype}",
+                        f"meta_context_pool W={grid_w} s={stride} M={rows} d={dim} {dtype}{tag}",
                         compress.meta_context_pool_kernel,
                         sig,
                         const,
@@ -120,8 +131,13 @@ def kernel_configs():
     from fastcompress.triton_kernels import decode_attention as decode
     from fastcompress.triton_kernels.decode_attention import launch_constexprs, num_warps_for
 
-    # ARDecompressor (dim 512, 8 heads: D = 64) and an LLM-like GQA shape (32 / 8 x 128).
-    for heads, kv_heads, dim in ((8, 8, 64), (32, 8, 128)):
+    # ARDecompressor (dim 512, 8 heads: D = 64), an LLM-like GQA shape (32 / 8 x 128), and
+    # the corners of decode_attention.unsupported_reason: 64 query rows (group x Sq) at
+    # D = 64, 32 at D = 128, 16 at D = 256.
+    for i, (heads, kv_heads, sq, dim) in enumerate((
+        (8, 8, 1, 64), (32, 8, 1, 128), (32, 8, 16, 64), (32, 4, 4, 128), (32, 8, 4, 256),
+    )):  # fmt: skip
+        tag = " corner" if i >= 2 else ""
         for dtype in ("fp32", "bf16"):
             sig = {
                 "q_ptr": f"*{dtype}",
@@ -137,11 +153,11 @@ def kernel_configs():
             sig.update({f"{t}_stride_{a}": "i32" for t in "qk" for a in "bsh"})
             configs.append(
                 (
-                    f"decode_attention H={heads}/{kv_heads} D={dim} {dtype}",
+                    f"decode_attention H={heads}/{kv_heads} Sq={sq} D={dim} {dtype}{tag}",
                     decode.decode_attention_kernel,
                     sig,
-                    launch_constexprs(heads, kv_heads, 1, dim, False),
-                    dict(num_warps=num_warps_for(dim), num_stages=2),
+                    launch_constexprs(heads, kv_heads, sq, dim, True),
+                    dict(num_warps=num_warps_for(dim, heads // kv_heads * sq), num_stages=2),
                 )
             )
     from fastcompress.triton_kernels import voco

@@ -135,7 +135,7 @@ def voco_attention_reference(
     )
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
-    )
+    ).contiguous()
 
 
 def _segment_attention_torch(
@@ -262,7 +262,9 @@ def _voco_attention_op(
         return voco_attention_reference(q, k, v, layout, scale)
     if name == "cuda":
         raise BackendUnavailableError("voco_attention: no CUDA C++ kernel; use 'triton'")
-    out = torch.empty_like(q)
+    # Contiguous whatever q's strides: the Triton kernel stores with a unit lane stride
+    # (empty_like would keep a strided q's layout), and the fake below must agree.
+    out = q.new_empty(q.shape)
     if layout.n_hybrid and layout.hybrid == "isolated":
         rows = (layout.hybrid_start, layout.voco_start)
         out[:, :, rows[0] : rows[1]] = _own_values(v, heads, rows)
@@ -281,7 +283,7 @@ def _voco_attention_op(
 
 @_voco_attention_op.register_fake
 def _(q, k, v, n_prefix, n_hybrid, n_voco, n_text, hybrid, scale, backend):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 def compact_kv_cache(

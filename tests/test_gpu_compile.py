@@ -39,12 +39,26 @@ def test_every_triton_config_compiles_for_sm80_and_sm90(triton_report):
     assert seen == {(n, t) for n in names for t in ("sm_80", "sm_90")}
 
 
+# Benchmark shapes must not spill at all. The corners of what each launcher accepts
+# (largest and smallest bands, most query rows; see triton_aot.kernel_configs) are held
+# to a few registers' worth: before the launch tables took M and the band into account
+# they spilled 0.4-4 KiB there.
+CORNER_SPILL_BYTES = 64
+
+
 def test_triton_kernels_do_not_spill(triton_report):
     for row in triton_report:
         print(row)
-        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+        limit = CORNER_SPILL_BYTES if row["kernel"].endswith(" corner") else 0
+        assert row["spill_stores"] <= limit and row["spill_loads"] <= limit, row
         assert 0 < row["registers"] <= 255, row
         assert row["shared_bytes"] <= SHARED_LIMIT[row["target"]], row
+
+
+def test_triton_corners_are_compile_checked(triton_report):
+    corners = [row["kernel"] for row in triton_report if row["kernel"].endswith(" corner")]
+    assert any(k.startswith("meta_context_pool") for k in corners)
+    assert any(k.startswith("decode_attention") for k in corners)
 
 
 def _nvcc():

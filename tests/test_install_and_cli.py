@@ -63,8 +63,7 @@ def test_wheel_metadata_declares_a_torch_range_never_a_pin(wheel):
 
 def test_requirements_never_name_torch_or_triton():
     lines = [
-        line.split("#")[0].strip()
-        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
     ]
     names = {line.split("=")[0].split("<")[0].split(">")[0] for line in lines if line}
     assert not names & {"torch", "triton"}, names

@@ -129,29 +129,67 @@ def meta_context_pool_kernel(
 
 # Without pooling (meta tokens only) X is walked in tiles of this many tokens.
 ATTENTION_TILE = 64
+# The context accumulator M_PAD x BLOCK_D: at most what the tuned shape holds (32 x 128).
+CONTEXT_TILE_ELEMENTS = 32 * 128
+QUERY_TILE_ELEMENTS = 64 * 32
 
 
 def launch_config(grid_w: int, stride: int, dim: int, rows: int, float32: bool) -> tuple[dict, int]:
     """(constexprs, num_warps) for a problem; ``rows`` = M folded queries; ``stride`` 0:
     no pooling (X is walked in tiles of ATTENTION_TILE tokens)."""
-    tile_elements, num_warps, dk_divisor = LAUNCH_TABLE[(stride, float32)]
     write_pool = stride > 0
     if not write_pool:
         grid_w, stride = ATTENTION_TILE, 1
     block_t = max(16, triton.next_power_of_2(stride * grid_w))
+    # The table's rows were tuned at W = 32: they are bands of 64 (s = 2) and 128 (s = 4)
+    # tokens, and the band, not s, sets the register tiles.
+    band_row = 0 if not write_pool else (2 if block_t <= 64 else 4)
+    tile_elements, num_warps, dk_divisor = LAUNCH_TABLE[(band_row, float32)]
+    m_pad = max(16, triton.next_power_of_2(rows))
+    # Tuned at M_PAD = 32. The score tile (BLOCK_T x M_PAD) and the context (M_PAD x
+    # BLOCK_D) live in registers too, so more folded queries shrink the d tiles in
+    # proportion (compile-checked at the corners in fastcompress/triton_aot.py).
+    tile_elements = tile_elements * 32 // max(32, m_pad)
     block_d = max(16, min(triton.next_power_of_2(dim), tile_elements // block_t))
+    block_d = max(16, min(block_d, 128, CONTEXT_TILE_ELEMENTS // m_pad))
+    block_dk = max(16, min(block_d, tile_elements // dk_divisor // block_t))
+    # The folded-query tile BLOCK_DK x M_PAD: no larger than at the tuned shape (64 x 32),
+    # or a narrow band (small BLOCK_T) would take a d slice as wide as the whole tile.
+    block_dk = max(16, min(block_dk, QUERY_TILE_ELEMENTS // m_pad))
+    if m_pad >= 64:  # the score tile doubles
+        num_warps = max(num_warps, 8)
     constexprs = dict(
         GRID_W=grid_w,
         STRIDE=stride,
         M=rows,
-        M_PAD=max(16, triton.next_power_of_2(rows)),
+        M_PAD=m_pad,
         BLOCK_T=block_t,
         BLOCK_P=max(16, triton.next_power_of_2(grid_w // stride)),
         BLOCK_D=block_d,
-        BLOCK_DK=max(16, min(block_d, tile_elements // dk_divisor // block_t)),
+        BLOCK_DK=block_dk,
         WRITE_POOL=write_pool,
     )
     return constexprs, num_warps
+
+
+# The launch corners compile-checked for spills (tests/test_gpu_compile.py): tokens per
+# band (s * W) and folded queries (N_g * heads) up to these, and their product.
+MAX_BAND_TOKENS = 128
+MAX_POOLED_COLUMNS = 16
+MAX_ROWS = 32  # 64 spilled at several bands (notes: "Triton launch corners")
+
+
+def unsupported_reason(grid_w: int, stride: int, rows: int) -> str | None:
+    """Why the kernel does not take this shape (its tiles would spill), or None."""
+    band = stride * grid_w if stride else ATTENTION_TILE
+    columns = grid_w // stride if stride else 0
+    if band > MAX_BAND_TOKENS or columns > MAX_POOLED_COLUMNS or rows > MAX_ROWS:
+        return (
+            f"the Triton compressor supports s * W <= {MAX_BAND_TOKENS} tokens per band, "
+            f"W / s <= {MAX_POOLED_COLUMNS} pooled columns and N_g * heads <= {MAX_ROWS}; "
+            f"got s * W = {band}, W / s = {columns}, N_g * heads = {rows}"
+        )
+    return None
 
 
 def meta_context_pool_triton(

@@ -21,9 +21,32 @@ from fastcompress.triton_kernels.online_softmax import online_softmax_step
 KV_TILE_ELEMENTS = 4096
 
 
-def num_warps_for(dim: int) -> int:
-    """4 warps up to D = 64; 8 above (D = 128 with 4 warps spilled on sm_90)."""
-    return 4 if dim <= 64 else 8
+# Query rows per program (GQA group x Sq, padded) and head dims compile-checked for
+# spills at these corners (tests/test_gpu_compile.py).
+MAX_ROWS = 64
+MAX_DIM = 256
+MAX_ACC_ELEMENTS = 4096  # ROWS x D_PAD: 64 x 128 spilled on sm_80 even with 16 warps
+
+
+def _acc_elements(rows: int, dim: int) -> int:
+    return max(16, triton.next_power_of_2(rows)) * max(16, triton.next_power_of_2(dim))
+
+
+def num_warps_for(dim: int, rows: int = 1) -> int:
+    """By the accumulator tile ROWS x D_PAD: 4 warps up to 16 x 64, else 8 (16 x 128
+    with 4 warps spilled on sm_90)."""
+    return 4 if _acc_elements(rows, dim) <= 1024 else 8
+
+
+def unsupported_reason(heads: int, kv_heads: int, sq: int, dim: int) -> str | None:
+    rows = heads // kv_heads * sq
+    if rows > MAX_ROWS or dim > MAX_DIM or _acc_elements(rows, dim) > MAX_ACC_ELEMENTS:
+        return (
+            f"the Triton decode kernel supports (H / H_kv) * Sq <= {MAX_ROWS}, D <= {MAX_DIM} "
+            f"and (H / H_kv) * Sq * D <= {MAX_ACC_ELEMENTS} (padded to powers of two), got "
+            f"{heads // kv_heads} * {sq} rows and D = {dim}"
+        )
+    return None
 
 
 @triton.jit
@@ -64,11 +87,13 @@ def decode_attention_kernel(
     lanes = tl.arange(0, D_PAD)
     lane_ok = lanes < D
     length = tl.load(lengths_ptr + b)
+    # Offsets in 64 bits wherever a product can pass 2^31 elements: key * stride_s does
+    # once S_max * H_kv * D per sample does (~512k tokens at 32 heads x 128).
     q = tl.load(
         q_ptr
         + b.to(tl.int64) * q_stride_b
-        + query[:, None] * q_stride_s
-        + head[:, None] * q_stride_h
+        + query[:, None].to(tl.int64) * q_stride_s
+        + head[:, None].to(tl.int64) * q_stride_h
         + lanes[None, :],
         mask=row_ok[:, None] & lane_ok[None, :],
         other=0.0,
@@ -82,11 +107,11 @@ def decode_attention_kernel(
     acc = tl.zeros((ROWS, D_PAD), tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, length)
-    kv_base = b.to(tl.int64) * k_stride_b + kvh * k_stride_h
+    kv_base = b.to(tl.int64) * k_stride_b + kvh.to(tl.int64) * k_stride_h
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_ok = keys < end
-        offs = kv_base + keys[:, None] * k_stride_s + lanes[None, :]
+        offs = kv_base + keys[:, None].to(tl.int64) * k_stride_s + lanes[None, :]
         k = tl.load(k_ptr + offs, mask=key_ok[:, None] & lane_ok[None, :], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=key_ok[:, None] & lane_ok[None, :], other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -106,14 +131,17 @@ def decode_attention_kernel(
 def launch_constexprs(heads: int, kv_heads: int, sq: int, dim: int, causal: bool) -> dict:
     group_rows = heads // kv_heads * sq
     d_pad = max(16, triton.next_power_of_2(dim))
+    rows = max(16, triton.next_power_of_2(group_rows))
+    # The score tile is ROWS x BLOCK_N and the accumulator ROWS x D_PAD: more query rows
+    # per program (GQA group x Sq) take fewer keys per tile.
     return dict(
         HEADS=heads,
         KV_HEADS=kv_heads,
         SQ=sq,
         D=dim,
         D_PAD=d_pad,
-        ROWS=max(16, triton.next_power_of_2(group_rows)),
-        BLOCK_N=max(16, KV_TILE_ELEMENTS // d_pad),
+        ROWS=rows,
+        BLOCK_N=max(16, KV_TILE_ELEMENTS * 16 // rows // d_pad),
         CAUSAL=causal,
     )
 
@@ -150,7 +178,7 @@ def decode_attention_triton(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
-        num_warps=num_warps_for(dim),
+        num_warps=num_warps_for(dim, heads // kv_heads * sq),
         **launch_constexprs(heads, kv_heads, sq, dim, causal),
     )
     return out, lse

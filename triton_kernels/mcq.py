@@ -15,6 +15,8 @@ with the float32 reference; TF32 would round the inputs to 10 mantissa bits.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -118,6 +120,7 @@ def mcq_backward_kernel(
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    ATOMIC_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -141,8 +144,35 @@ def mcq_backward_kernel(
         through = (grad - z * radial[:, None]) / denom[:, None]
         grad = tl.where((norm >= 1e-12)[:, None], through, grad / denom[:, None])
     tl.store(grad_z_ptr + offs, grad.to(grad_z_ptr.dtype.element_ty), mask=mask2)
-    rows_ptr = grad_rows_ptr + g.to(tl.int64) * vocab * D + idx[:, None] * D + lanes[None, :]
-    tl.atomic_add(rows_ptr, scale * (q - z), mask=mask2)
+    if ATOMIC_ROWS:  # fast; the order of the float adds varies from run to run
+        rows_ptr = grad_rows_ptr + g.to(tl.int64) * vocab * D + idx[:, None] * D + lanes[None, :]
+        tl.atomic_add(rows_ptr, scale * (q - z), mask=mask2)
+    else:  # one contribution per chunk, (N, G, d); summed by code in a fixed order after
+        part = (rows[:, None].to(tl.int64) * groups + g) * D + lanes[None, :]
+        tl.store(grad_rows_ptr + part, scale * (q - z), mask=mask2)
+
+
+def deterministic_codebook_grads() -> bool:
+    """Codebook gradients without atomics: when torch's deterministic mode is on
+    (``torch.use_deterministic_algorithms(True)``) or FASTCOMPRESS_DETERMINISTIC=1.
+    The default is the atomic scatter: faster, but the float adds into a code's row run
+    in a different order each run, and they serialise on hot codes."""
+    return torch.are_deterministic_algorithms_enabled() or (
+        os.environ.get("FASTCOMPRESS_DETERMINISTIC", "0") == "1"
+    )
+
+
+def sorted_segment_sum(values: Tensor, segment: Tensor, num_segments: int) -> Tensor:
+    """``out[s] = sum of values[i] with segment[i] == s`` in a fixed order: a stable sort
+    by segment, a float64 prefix sum and one difference per segment. No atomics, so the
+    bits are the same on every run; float64 keeps the differences exact to float32."""
+    order = torch.sort(segment, stable=True).indices
+    sorted_segment = segment[order]
+    prefix = torch.cat([values.new_zeros(1, values.shape[1], dtype=torch.float64),
+                        values[order].double().cumsum(0)])  # fmt: skip
+    bounds = torch.arange(num_segments + 1, device=segment.device, dtype=sorted_segment.dtype)
+    edges = torch.searchsorted(sorted_segment, bounds)
+    return (prefix[edges[1:]] - prefix[edges[:-1]]).to(values.dtype)
 
 
 def padded_dim(dim: int) -> int:
@@ -213,7 +243,11 @@ def mcq_backward_triton(
     book, norm = _split_norm(codebooks.float(), normalize)
     book = book.contiguous()
     grad_z = torch.empty_like(z)
-    grad_rows = torch.zeros_like(book)
+    deterministic = deterministic_codebook_grads()
+    if deterministic:
+        grad_rows = torch.empty((n, groups, dim), dtype=torch.float32, device=z.device)
+    else:
+        grad_rows = torch.zeros_like(book)
     block_n = min(BACKWARD_CONFIG["BLOCK_N"], max(16, triton.next_power_of_2(max(n, 1))))
     if n > 0:
         mcq_backward_kernel[(triton.cdiv(n, block_n), groups)](
@@ -233,9 +267,14 @@ def mcq_backward_triton(
             D_PAD=padded_dim(dim),
             BLOCK_N=block_n,
             NORMALIZE=normalize,
+            ATOMIC_ROWS=not deterministic,
             num_warps=BACKWARD_CONFIG["num_warps"],
             num_stages=BACKWARD_CONFIG["num_stages"],
         )
+    if deterministic:
+        codes = idx + torch.arange(groups, device=idx.device) * vocab  # (N, G) flat code ids
+        grad_rows = sorted_segment_sum(grad_rows.view(-1, dim), codes.view(-1), groups * vocab)
+        grad_rows = grad_rows.view(groups, vocab, dim)
     if normalize:
         grad_rows = _normalize_backward(grad_rows, book, norm)
     return grad_z, grad_rows.to(codebooks.dtype)

@@ -41,7 +41,8 @@ def _span(
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         ok = keys < end
-        offs = keys[:, None] * stride_l + lanes[None, :]
+        # 64-bit: key * stride passes 2^31 elements in long caches (L * H_kv * D).
+        offs = keys[:, None].to(tl.int64) * stride_l + lanes[None, :]
         mask = ok[:, None] & (lanes < D)[None, :]
         k = tl.load(k_base + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -93,12 +94,15 @@ def segment_attention_kernel(
     row_ok = rows < row_end
     lanes = tl.arange(0, D_PAD)
     mask = row_ok[:, None] & (lanes < D)[None, :]
-    q_base = q_ptr + b.to(tl.int64) * q_stride_b + h * q_stride_h
-    q = tl.load(q_base + rows[:, None] * q_stride_l + lanes[None, :], mask=mask, other=0.0).to(
+    # Every offset product in 64 bits: row * stride and head * stride pass 2^31 elements
+    # once L * H * D per sample does (e.g. 512k tokens x 32 heads x 128).
+    rows64 = rows.to(tl.int64)
+    q_base = q_ptr + b.to(tl.int64) * q_stride_b + h.to(tl.int64) * q_stride_h
+    q = tl.load(q_base + rows64[:, None] * q_stride_l + lanes[None, :], mask=mask, other=0.0).to(
         tl.float32
     )
-    k_base = k_ptr + b.to(tl.int64) * k_stride_b + kvh * k_stride_h
-    v_base = v_ptr + b.to(tl.int64) * k_stride_b + kvh * k_stride_h
+    k_base = k_ptr + b.to(tl.int64) * k_stride_b + kvh.to(tl.int64) * k_stride_h
+    v_base = v_ptr + b.to(tl.int64) * k_stride_b + kvh.to(tl.int64) * k_stride_h
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
@@ -112,9 +116,9 @@ def segment_attention_kernel(
         q, acc, m_i, l_i, k_base, v_base, rows, c0, c1, k_stride_l, True, D, D_PAD, BLOCK_N, scale
     )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_base = out_ptr + b.to(tl.int64) * o_stride_b + h * o_stride_h
+    o_base = out_ptr + b.to(tl.int64) * o_stride_b + h.to(tl.int64) * o_stride_h
     tl.store(
-        o_base + rows[:, None] * o_stride_l + lanes[None, :],
+        o_base + rows64[:, None] * o_stride_l + lanes[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=mask,
     )

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -23,6 +24,11 @@
 
 namespace fastcompress {
 namespace {
+
+// Rescans whose block did not hold the lane's best (the full scalar scan then ran). Zero
+// on any data while the vector chain and the scalar chain agree bit for bit; the tests
+// assert it, so a broken fast pass cannot hide behind the exact but slow safety net.
+std::atomic<int64_t> safety_net_hits{0};
 
 using simd::kLanes;
 using vfloat = simd::vec16;
@@ -110,7 +116,12 @@ void search_block(const float* chunks_t, const float* chunks, const float* book,
       // Were a toolchain to break that, the full scalar scan keeps the answer exact.
       scan_codes(chunk, book, bias, D, static_cast<int32_t>(k0),
                  static_cast<int32_t>(std::min(vocab, k0 + kCodeBlock)), &found, &code);
-      best_code[r] = found == best[v][lane] ? code : best_code_scalar(chunk, book, bias, D, vocab);
+      if (found == best[v][lane]) {
+        best_code[r] = code;
+      } else {
+        safety_net_hits.fetch_add(1, std::memory_order_relaxed);
+        best_code[r] = best_code_scalar(chunk, book, bias, D, vocab);
+      }
     }
   }
 }
@@ -257,10 +268,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(const at:
   return {indices, z_q, counts, task_err.sum(1)};
 }
 
+int64_t mcq_safety_net_hits() { return safety_net_hits.load(); }
+
 }  // namespace
 }  // namespace fastcompress
 
 TORCH_LIBRARY(fastcompress_cpu, m) {
+  m.def("mcq_safety_net_hits() -> int", &fastcompress::mcq_safety_net_hits);
   m.def(
       "mcq_forward(Tensor z, Tensor book, Tensor bias, bool normalize, bool full)"
       " -> (Tensor, Tensor, Tensor, Tensor)");

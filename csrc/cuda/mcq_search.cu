@@ -28,7 +28,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
     mcq_search_kernel(const T* __restrict__ z, const float* __restrict__ book,
                       const float* __restrict__ bias, int64_t* __restrict__ indices, int64_t n,
-                      int groups, int vocab, int padded_vocab, bool normalize) {
+                      int groups, int vocab, int bias_stride, bool normalize) {
   __shared__ float tile[kTileCodes * D];
   __shared__ float tile_bias[kTileCodes];
   const int g = blockIdx.y;
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     for (int i = threadIdx.x; i < count * D; i += kThreads) tile[i] = book_g[k0 * D + i];
     for (int i = threadIdx.x; i < count; i += kThreads) {
-      tile_bias[i] = bias[static_cast<int64_t>(g) * padded_vocab + k0 + i];
+      tile_bias[i] = bias[static_cast<int64_t>(g) * bias_stride + k0 + i];
     }
     __syncthreads();
     for (int k = 0; k < count; ++k) {
@@ -71,30 +71,30 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int D>
 int launch(const T* z, const float* book, const float* bias, int64_t* indices, int64_t n,
-           int groups, int vocab, int padded_vocab, bool normalize, cudaStream_t stream) {
+           int groups, int vocab, int bias_stride, bool normalize, cudaStream_t stream) {
   if (n == 0 || groups == 0) return 0;
   const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), groups);
   mcq_search_kernel<T, D><<<grid, kThreads, 0, stream>>>(z, book, bias, indices, n, groups, vocab,
-                                                         padded_vocab, normalize);
+                                                         bias_stride, normalize);
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T>
 int dispatch(const T* z, const float* book, const float* bias, int64_t* indices, int64_t n,
-             int groups, int vocab, int padded_vocab, int dim, bool normalize,
+             int groups, int vocab, int bias_stride, int dim, bool normalize,
              cudaStream_t stream) {
   switch (dim) {
     case 2:
-      return launch<T, 2>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize,
+      return launch<T, 2>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize,
                           stream);
     case 4:
-      return launch<T, 4>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize,
+      return launch<T, 4>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize,
                           stream);
     case 8:
-      return launch<T, 8>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize,
+      return launch<T, 8>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize,
                           stream);
     case 16:
-      return launch<T, 16>(z, book, bias, indices, n, groups, vocab, padded_vocab, normalize,
+      return launch<T, 16>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize,
                            stream);
     default:
       return -1;  // unsupported code dimension
@@ -108,20 +108,20 @@ int dispatch(const T* z, const float* book, const float* bias, int64_t* indices,
 extern "C" {
 int fastcompress_mcq_search_f32(const float* z, const float* book, const float* bias,
                                 int64_t* indices, int64_t n, int groups, int vocab,
-                                int padded_vocab, int dim, int normalize, cudaStream_t stream) {
-  return fastcompress::dispatch(z, book, bias, indices, n, groups, vocab, padded_vocab, dim,
+                                int bias_stride, int dim, int normalize, cudaStream_t stream) {
+  return fastcompress::dispatch(z, book, bias, indices, n, groups, vocab, bias_stride, dim,
                                 normalize != 0, stream);
 }
 int fastcompress_mcq_search_bf16(const void* z, const float* book, const float* bias,
                                  int64_t* indices, int64_t n, int groups, int vocab,
-                                 int padded_vocab, int dim, int normalize, cudaStream_t stream) {
+                                 int bias_stride, int dim, int normalize, cudaStream_t stream) {
   return fastcompress::dispatch(static_cast<const __nv_bfloat16*>(z), book, bias, indices, n,
-                                groups, vocab, padded_vocab, dim, normalize != 0, stream);
+                                groups, vocab, bias_stride, dim, normalize != 0, stream);
 }
 int fastcompress_mcq_search_f16(const void* z, const float* book, const float* bias,
                                 int64_t* indices, int64_t n, int groups, int vocab,
-                                int padded_vocab, int dim, int normalize, cudaStream_t stream) {
+                                int bias_stride, int dim, int normalize, cudaStream_t stream) {
   return fastcompress::dispatch(static_cast<const __half*>(z), book, bias, indices, n, groups,
-                                vocab, padded_vocab, dim, normalize != 0, stream);
+                                vocab, bias_stride, dim, normalize != 0, stream);
 }
 }

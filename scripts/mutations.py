@@ -1,0 +1,143 @@
+"""Mutation testing of the kernels: apply one plausible bug at a time, run the tests that
+should catch it, restore the file. A mutation that no test catches is a blind spot.
+
+    python scripts/mutations.py            # all mutations (about 10 minutes on 2 cores)
+    python scripts/mutations.py pool-store # the ones whose id contains the word
+
+The list grows with every review (issue 16 added the last ones); the results of the
+latest run are in benchmarks/NOTES.md ("Mutation testing").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    id: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation(
+        "pool-store-ignores-d-chunk",
+        "triton_kernels/compress.py",
+        "pooled_b + prow[:, None] * dim + offs_d[None, :],",
+        "pooled_b + prow[:, None] * dim + tl.arange(0, BLOCK_D)[None, :],",
+        ("tests/test_triton_tiling.py",),
+    ),
+    Mutation(
+        "voco-out-keeps-q-strides",
+        "fastcompress/voco.py",
+        "    out = q.new_empty(q.shape)\n    if layout.n_hybrid",
+        "    out = torch.empty_like(q)\n    if layout.n_hybrid",
+        ("tests/test_review_bugs.py",),
+    ),
+    Mutation(
+        "decode-i32-key-offsets",
+        "triton_kernels/decode_attention.py",
+        "keys[:, None].to(tl.int64) * k_stride_s",
+        "keys[:, None] * k_stride_s",
+        ("tests/test_review_bugs.py",),
+    ),
+    Mutation(
+        "voco-i32-key-offsets",
+        "triton_kernels/voco.py",
+        "offs = keys[:, None].to(tl.int64) * stride_l",
+        "offs = keys[:, None] * stride_l",
+        ("tests/test_review_bugs.py",),
+    ),
+    Mutation(
+        "cpu-decode-lse-of-blind-rows",
+        "fastcompress/decode.py",
+        '        lse = lse.masked_fill(no_key[..., 0], float("-inf"))',
+        "        pass",
+        ("tests/test_review_bugs.py",),
+    ),
+    Mutation(
+        "cpu-block-search-ties-to-last-block",
+        "csrc/cpu/mcq_cpu.cpp",
+        "const vint better = block_max[v] > best[v];",
+        "const vint better = block_max[v] >= best[v];",
+        ("tests/test_mcq_ops.py",),
+    ),
+    Mutation(
+        "cpu-rescan-skips-first-code",
+        "csrc/cpu/mcq_cpu.cpp",
+        "scan_codes(chunk, book, bias, D, static_cast<int32_t>(k0),",
+        "scan_codes(chunk, book, bias, D, static_cast<int32_t>(k0 + 1),",
+        ("tests/test_review_blind_spots.py",),
+    ),
+    Mutation(
+        "triton-search-ties-to-last",
+        "triton_kernels/mcq.py",
+        "better = tile_best > best",
+        "better = tile_best >= best",
+        ("tests/test_mcq_ops.py",),
+    ),
+    Mutation(
+        "deterministic-grads-drop-segment",
+        "triton_kernels/mcq.py",
+        "return (prefix[edges[1:]] - prefix[edges[:-1]]).to(values.dtype)",
+        "return (prefix[edges[1:]] - prefix[edges[1:]]).to(values.dtype)",
+        ("tests/test_review_blind_spots.py",),
+    ),
+    Mutation(
+        "cuda-composition-counts-one-group",
+        "fastcompress/mcq.py",
+        "torch.bincount(idx[:, g], minlength=vocab) for g in range(groups)",
+        "torch.bincount(idx[:, 0], minlength=vocab) for g in range(groups)",
+        ("tests/test_review_blind_spots.py",),
+    ),
+    Mutation(
+        "decode-merge-ignores-lse",
+        "fastcompress/decode.py",
+        "weight = torch.exp(lse - safe.unsqueeze(1)).nan_to_num(0.0)",
+        "weight = torch.ones_like(lse) / lse.shape[1]",
+        ("tests/test_decode.py",),
+    ),
+]
+
+
+def run(mutation: Mutation) -> str:
+    path = ROOT / mutation.path
+    original = path.read_text()
+    if original.count(mutation.old) != 1:
+        return "STALE (the original text is not in the file once: update the list)"
+    path.write_text(original.replace(mutation.old, mutation.new))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TRITON_INTERPRET": "1"},
+        )
+    finally:
+        path.write_text(original)
+    return "caught" if out.returncode != 0 else "SURVIVED"
+
+
+def main(argv: list[str]) -> int:
+    chosen = [m for m in MUTATIONS if not argv or any(word in m.id for word in argv)]
+    survived = 0
+    for mutation in chosen:
+        verdict = run(mutation)
+        survived += verdict != "caught"
+        print(f"{mutation.id:40s} {verdict}", flush=True)
+    print(f"{len(chosen) - survived} of {len(chosen)} caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
