@@ -27,11 +27,11 @@ checkstyle:
 	$(PIP) install -q -r requirements-dev.txt
 	ruff check fastcompress triton_kernels tests benchmarks scripts setup.py
 	ruff format --check fastcompress triton_kernels tests benchmarks scripts setup.py
-	clang-format --dry-run -Werror csrc/include/fastcompress/* csrc/cpu/*.cpp csrc/cuda/*
+	clang-format --dry-run -Werror csrc/include/fastcompress/* csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cuda/*
 
 format:
 	ruff format fastcompress triton_kernels tests benchmarks scripts setup.py
-	clang-format -i csrc/include/fastcompress/* csrc/cpu/*.cpp csrc/cuda/*
+	clang-format -i csrc/include/fastcompress/* csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cuda/*
 
 bench: install
 	mkdir -p bench-results

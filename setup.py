@@ -17,7 +17,7 @@ from setuptools import setup
 
 PACKAGES = ["fastcompress", "fastcompress.reference", "fastcompress.nn"]
 PACKAGE_DIR = {"fastcompress.triton_kernels": "triton_kernels", "fastcompress._csrc": "csrc"}
-CSRC_DATA = ["include/fastcompress/*", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cpp"]
+CSRC_DATA = ["include/fastcompress/*", "cpu/*.cpp", "cpu/*.h", "cpu/*.inc", "cuda/*"]
 
 
 def _ahead_of_time():

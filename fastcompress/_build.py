@@ -27,14 +27,16 @@ def csrc_root() -> pathlib.Path:
     return PACKAGE / "_csrc"
 
 
-CPU_SOURCE_NAMES = ("mcq_cpu.cpp", "decode_step_cpu.cpp", "context_pool_cpu.cpp")
+# The binding (compiled for the baseline) and one build of all kernels per ISA level;
+# ops.cpp picks the level at run time (FASTCOMPRESS_CPU_ISA or the CPU's best).
+CPU_SOURCE_NAMES = ("ops.cpp", "isa_baseline.cpp", "isa_avx2.cpp", "isa_avx512.cpp")
 CUDA_SOURCE_NAMES = ("mcq_binding.cpp", "mcq_search.cu")
-# -ffp-contract=fast: the kernels spell out the FMAs whose rounding must match a scalar
-# chain (simd::fma16); everywhere else contraction is free speed.
-CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-std=c++17"]
+# No -march: every level is compiled into the one library through `#pragma GCC target`
+# (csrc/cpu/isa_*.cpp), so the same binary runs on any x86-64 CPU, ahead of time or
+# just in time. -ffp-contract=fast: the kernels spell out the FMAs whose rounding must
+# match a scalar chain (simd::fmav); everywhere else contraction is free speed.
+CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-std=c++17", "-Wno-psabi"]
 CPU_LDFLAGS = ["-fopenmp"]
-# The just-in-time build is for this CPU only, so it may target it.
-JIT_ONLY_CFLAGS = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
 
 
 def cpu_sources(root: pathlib.Path | None = None) -> list[pathlib.Path]:
@@ -43,8 +45,10 @@ def cpu_sources(root: pathlib.Path | None = None) -> list[pathlib.Path]:
 
 
 def cpu_headers(root: pathlib.Path | None = None) -> list[pathlib.Path]:
+    """Everything the CPU sources include: the shared headers and the kernel bodies."""
     root = root or csrc_root()
-    return sorted((root / "include" / "fastcompress").glob("*"))
+    cpu = [p for p in (root / "cpu").glob("*") if p.suffix in (".h", ".inc")]
+    return sorted((root / "include" / "fastcompress").glob("*")) + sorted(cpu)
 
 
 def compiler_id() -> str:

@@ -4,12 +4,15 @@ The CPU extension is built just in time on first use (ninja, under a file lock, 
 processes never build at once) into ``FASTCOMPRESS_CACHE_DIR/cpu-<key>``, where the key
 hashes the sources, flags, torch, Python, compiler and architecture (``_build.py``). An
 ahead-of-time build (``FASTCOMPRESS_AOT=1 pip install``) is used instead while its key
-still matches. Without a compiler the package still imports and runs on the reference
-backend; the reason is kept for ``fastcompress info``.
+still matches. Either holds every ISA level; the level that runs is the CPU's best
+unless FASTCOMPRESS_CPU_ISA (or ``forced_cpu_isa``) says otherwise. Without a compiler
+the package still imports and runs on the reference backend; the reason is kept for
+``fastcompress info``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pathlib
@@ -31,7 +34,7 @@ def cache_root() -> pathlib.Path:
 
 
 def jit_flags() -> list[str]:
-    return _build.CPU_CFLAGS + _build.JIT_ONLY_CFLAGS
+    return list(_build.CPU_CFLAGS)
 
 
 def jit_build_dir() -> pathlib.Path:
@@ -89,9 +92,70 @@ def load_cpu_extension(raise_on_error: bool = True, verbose: bool = False) -> bo
             except Exception as exc:  # no compiler, failed build: reference still works
                 _state["cpu"] = False
                 _state["cpu_error"] = f"{type(exc).__name__}: {exc}"
+            if _state["cpu"]:
+                try:
+                    _apply_cpu_isa_env()
+                except ValueError as exc:
+                    _state["isa_error"] = exc
+        if "isa_error" in _state:  # a bad forced level raises on every use, even under auto
+            raise _state["isa_error"]
         if not _state["cpu"] and raise_on_error:
             raise RuntimeError(f"fastcompress CPU extension unavailable: {_state['cpu_error']}")
         return bool(_state["cpu"])
+
+
+CPU_ISA_LEVELS = {"baseline": 1, "avx2": 2, "avx512": 3}
+_ISA_NAMES = {level: name for name, level in CPU_ISA_LEVELS.items()}
+
+
+def _apply_cpu_isa_env() -> None:
+    """FASTCOMPRESS_CPU_ISA: auto (the CPU's best level), avx512, avx2 or baseline. A level
+    this CPU lacks is an error, raised however the extension was asked for."""
+    name = os.environ.get("FASTCOMPRESS_CPU_ISA", "auto").strip().lower() or "auto"
+    if name == "auto":
+        return
+    if name not in CPU_ISA_LEVELS:
+        raise ValueError(
+            f"FASTCOMPRESS_CPU_ISA must be one of auto, {', '.join(CPU_ISA_LEVELS)}; got {name!r}"
+        )
+    set_cpu_isa(name)
+
+
+def supported_cpu_isas() -> list[str]:
+    """ISA levels this CPU can run, best first (loads the extension)."""
+    load_cpu_extension()
+    best = int(torch.ops.fastcompress_cpu.max_isa_level())
+    return [_ISA_NAMES[level] for level in range(best, 0, -1)]
+
+
+def cpu_isa() -> str:
+    """The ISA level the C++ kernels run at now."""
+    load_cpu_extension()
+    return _ISA_NAMES[int(torch.ops.fastcompress_cpu.isa_level())]
+
+
+def set_cpu_isa(name: str) -> None:
+    """Run the C++ kernels at ``name`` (baseline, avx2, avx512) from now on."""
+    if name not in CPU_ISA_LEVELS:
+        raise ValueError(f"CPU ISA level must be one of {', '.join(CPU_ISA_LEVELS)}; got {name!r}")
+    best = int(torch.ops.fastcompress_cpu.max_isa_level())
+    if CPU_ISA_LEVELS[name] > best:
+        raise ValueError(
+            f"CPU ISA level {name!r} was forced (FASTCOMPRESS_CPU_ISA or set_cpu_isa) but this "
+            f"CPU supports at most {_ISA_NAMES[best]!r}"
+        )
+    torch.ops.fastcompress_cpu.set_isa_level(CPU_ISA_LEVELS[name])
+
+
+@contextlib.contextmanager
+def forced_cpu_isa(name: str):
+    """Within the block, the C++ kernels run at ``name``; the level before is restored."""
+    before = cpu_isa()
+    set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        set_cpu_isa(before)
 
 
 def cpu_error() -> str:

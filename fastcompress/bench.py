@@ -328,6 +328,16 @@ def machine_info() -> dict:
         info["cpu_simd"] = sorted(set(flags) & SIMD_FLAGS)
     except (OSError, StopIteration):
         pass
+    try:
+        from fastcompress import _ext
+
+        if _ext.load_cpu_extension(raise_on_error=False):
+            info["cpu_isa"] = _ext.cpu_isa()
+            info["cpu_isa_supported"] = _ext.supported_cpu_isas()
+        else:
+            info["cpu_isa"] = f"no C++ extension ({_ext.cpu_error()[:200]})"
+    except ValueError as exc:  # a bad FASTCOMPRESS_CPU_ISA
+        info["cpu_isa"] = str(exc)
     info["date_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     info["commit"] = _commit()
     if importlib.util.find_spec("triton"):

@@ -1,7 +1,7 @@
 """The fused CPU decode step of :class:`fastcompress.nn.ARDecompressor`.
 
 One generated token is one call of ``fastcompress_cpu::decoder_step`` (C++,
-``csrc/cpu/decode_step_cpu.cpp``): every layer's norms, projections, cache append,
+``csrc/cpu/decode_step_kernels.inc``): every layer's norms, projections, cache append,
 self- and cross-attention, MLP, then the final norm and head. At batch 1 a step is
 bound by reading the weights (~60 MB at dim 512, depth 4), and the per-op dispatch of
 ~150 ATen calls plus a single-threaded batch-1 GEMV cost more than that read; see

@@ -66,14 +66,14 @@ MUTATIONS = [
     ),
     Mutation(
         "cpu-block-search-ties-to-last-block",
-        "csrc/cpu/mcq_cpu.cpp",
+        "csrc/cpu/mcq_kernels.inc",
         "const vint better = block_max[v] > best[v];",
         "const vint better = block_max[v] >= best[v];",
         ("tests/test_mcq_ops.py",),
     ),
     Mutation(
         "cpu-rescan-skips-first-code",
-        "csrc/cpu/mcq_cpu.cpp",
+        "csrc/cpu/mcq_kernels.inc",
         "scan_codes(chunk, book, bias, D, static_cast<int32_t>(k0),",
         "scan_codes(chunk, book, bias, D, static_cast<int32_t>(k0 + 1),",
         ("tests/test_review_blind_spots.py",),

@@ -214,6 +214,7 @@ CPU_KERNEL_SHAPES = [
 ]
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("shape", CPU_KERNEL_SHAPES, ids=str)
 def test_cpu_kernel_matches_torch_folding(shape):
     batch, grid, dim, heads, num_meta = shape

@@ -9,6 +9,8 @@ from torch import nn
 from fastcompress import decode_step
 from fastcompress.nn import ARDecompressor
 
+pytestmark = pytest.mark.cpu_kernels  # the fused step is C++: every ISA level
+
 # (dim, depth, heads, num_tokens, mlp_ratio, gelu, local grid): head_dim 16 / 8 / 16,
 # dims and hidden widths off the 16-lane vectors (tails), sequences over the 64-position
 # split-K chunk, exact and tanh GELU, local evidence.

@@ -39,7 +39,9 @@ def test_wheel_is_pure_python_and_ships_the_sources(wheel):
     for needed in (
         "fastcompress/__main__.py",
         "fastcompress/triton_kernels/mcq.py",
-        "fastcompress/_csrc/cpu/mcq_cpu.cpp",
+        "fastcompress/_csrc/cpu/ops.cpp",
+        "fastcompress/_csrc/cpu/isa_avx2.cpp",
+        "fastcompress/_csrc/cpu/mcq_kernels.inc",
         "fastcompress/_csrc/include/fastcompress/simd.h",
         "fastcompress/_csrc/cuda/mcq_search.cu",
     ):

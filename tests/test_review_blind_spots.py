@@ -13,6 +13,7 @@ from fastcompress.reference import mcq_quantize_reference, mcq_search_reference
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("dim", [2, 4, 8, 16])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_cpu_search_never_needs_its_scalar_safety_net(dim, normalize):

@@ -23,9 +23,9 @@ at::Tensor mcq_search(const at::Tensor& z, const at::Tensor& book, const at::Ten
   TORCH_CHECK(
       book.is_cuda() && book.dim() == 3 && book.scalar_type() == at::kFloat && book.is_contiguous(),
       "book must be contiguous float32 (G, K, d) on CUDA");
-  TORCH_CHECK(bias.is_cuda() && bias.dim() == 2 && bias.is_contiguous() &&
-                  bias.scalar_type() == at::kFloat,
-              "bias must be contiguous float32 (G, K) on CUDA");
+  TORCH_CHECK(
+      bias.is_cuda() && bias.dim() == 2 && bias.is_contiguous() && bias.scalar_type() == at::kFloat,
+      "bias must be contiguous float32 (G, K) on CUDA");
   // Every tensor on z's device, and the launch on that device's current stream: with a
   // tensor on cuda:1 and the current device 0, the kernel would otherwise run on device
   // 0's stream against device 1's memory.
@@ -52,13 +52,13 @@ at::Tensor mcq_search(const at::Tensor& z, const at::Tensor& book, const at::Ten
                                      vocab, bias_stride, dim, normalize, stream);
   } else if (z.scalar_type() == at::kBFloat16) {
     rc = fastcompress_mcq_search_bf16(z.data_ptr(), book.data_ptr<float>(), bias.data_ptr<float>(),
-                                      indices.data_ptr<int64_t>(), n, groups, vocab, bias_stride, dim,
-                                      normalize, stream);
+                                      indices.data_ptr<int64_t>(), n, groups, vocab, bias_stride,
+                                      dim, normalize, stream);
   } else {
     TORCH_CHECK(z.scalar_type() == at::kHalf, "z must be float32, bfloat16 or float16");
     rc = fastcompress_mcq_search_f16(z.data_ptr(), book.data_ptr<float>(), bias.data_ptr<float>(),
-                                     indices.data_ptr<int64_t>(), n, groups, vocab, bias_stride, dim,
-                                     normalize, stream);
+                                     indices.data_ptr<int64_t>(), n, groups, vocab, bias_stride,
+                                     dim, normalize, stream);
   }
   TORCH_CHECK(rc != -1, "the CUDA MCQ search supports d in {2, 4, 8, 16}, got d=", dim);
   TORCH_CHECK(rc == 0,

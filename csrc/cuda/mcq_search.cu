@@ -81,18 +81,14 @@ int launch(const T* z, const float* book, const float* bias, int64_t* indices, i
 
 template <typename T>
 int dispatch(const T* z, const float* book, const float* bias, int64_t* indices, int64_t n,
-             int groups, int vocab, int bias_stride, int dim, bool normalize,
-             cudaStream_t stream) {
+             int groups, int vocab, int bias_stride, int dim, bool normalize, cudaStream_t stream) {
   switch (dim) {
     case 2:
-      return launch<T, 2>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize,
-                          stream);
+      return launch<T, 2>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize, stream);
     case 4:
-      return launch<T, 4>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize,
-                          stream);
+      return launch<T, 4>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize, stream);
     case 8:
-      return launch<T, 8>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize,
-                          stream);
+      return launch<T, 8>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize, stream);
     case 16:
       return launch<T, 16>(z, book, bias, indices, n, groups, vocab, bias_stride, normalize,
                            stream);
@@ -107,8 +103,8 @@ int dispatch(const T* z, const float* book, const float* bias, int64_t* indices,
 // C ABI. Returns 0 on success, -1 for an unsupported d, else a cudaError_t.
 extern "C" {
 int fastcompress_mcq_search_f32(const float* z, const float* book, const float* bias,
-                                int64_t* indices, int64_t n, int groups, int vocab,
-                                int bias_stride, int dim, int normalize, cudaStream_t stream) {
+                                int64_t* indices, int64_t n, int groups, int vocab, int bias_stride,
+                                int dim, int normalize, cudaStream_t stream) {
   return fastcompress::dispatch(z, book, bias, indices, n, groups, vocab, bias_stride, dim,
                                 normalize != 0, stream);
 }
@@ -119,8 +115,8 @@ int fastcompress_mcq_search_bf16(const void* z, const float* book, const float* 
                                 groups, vocab, bias_stride, dim, normalize != 0, stream);
 }
 int fastcompress_mcq_search_f16(const void* z, const float* book, const float* bias,
-                                int64_t* indices, int64_t n, int groups, int vocab,
-                                int bias_stride, int dim, int normalize, cudaStream_t stream) {
+                                int64_t* indices, int64_t n, int groups, int vocab, int bias_stride,
+                                int dim, int normalize, cudaStream_t stream) {
   return fastcompress::dispatch(static_cast<const __half*>(z), book, bias, indices, n, groups,
                                 vocab, bias_stride, dim, normalize != 0, stream);
 }

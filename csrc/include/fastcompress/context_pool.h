@@ -1,8 +1,8 @@
 // Per-sample pieces of the compressor's X pass on CPU (framework-free; scheduled by
-// csrc/cpu/context_pool_cpu.cpp). With M = N_g * heads folded queries of width d:
+// csrc/cpu/context_pool_kernels.inc). With M = N_g * heads folded queries of width d:
 //   scores (T, mp) = X (T, d) . folded^T, softmax over T per column,
 //   context (M, d) = probs^T . X, and the s x s average pool of the H x W grid.
-// mp is M rounded up to 16 lanes; the pad columns of folded^T are zero and never read
+// mp is padded_queries(M) (below); the pad columns of folded^T are zero and never read
 // back. X comes from DRAM once: per tile of rows (one band of s grid rows), the scores,
 // the pooling and the context update (online softmax) run while the tile is in L2.
 #pragma once
@@ -13,30 +13,31 @@
 #include "fastcompress/simd.h"
 
 namespace fastcompress {
+inline namespace FC_ISA_NS {
 namespace context_pool {
 
 using simd::kLanes;
-using simd::load16;
+using simd::loadv;
 using simd::splat;
-using simd::store16;
-using simd::vec16;
+using simd::storev;
+using simd::vecf;
 
 // RB rows of X against MV column vectors of folded^T (d, mp): each x value is one
 // broadcast shared by MV FMAs, RB * MV accumulators stay in registers.
 template <int RB, int MV>
 inline void scores_block(const float* x, int64_t d, const float* folded_t, int64_t mp, int64_t col,
                          float* scores) {
-  vec16 acc[RB][MV] = {};
+  vecf acc[RB][MV] = {};
   for (int64_t k = 0; k < d; ++k) {
-    vec16 f[MV];
-    for (int v = 0; v < MV; ++v) f[v] = load16(folded_t + k * mp + col + v * kLanes);
+    vecf f[MV];
+    for (int v = 0; v < MV; ++v) f[v] = loadv(folded_t + k * mp + col + v * kLanes);
     for (int r = 0; r < RB; ++r) {
-      const vec16 xb = splat(x[r * d + k]);
+      const vecf xb = splat(x[r * d + k]);
       for (int v = 0; v < MV; ++v) acc[r][v] += xb * f[v];  // contracted to FMA
     }
   }
   for (int r = 0; r < RB; ++r) {
-    for (int v = 0; v < MV; ++v) store16(scores + r * mp + col + v * kLanes, acc[r][v]);
+    for (int v = 0; v < MV; ++v) storev(scores + r * mp + col + v * kLanes, acc[r][v]);
   }
 }
 
@@ -65,17 +66,17 @@ inline void scores_rows(const float* x, int64_t t0, int64_t t1, int64_t d, const
 // In place: each column of scores (T, mp) becomes its softmax over the T rows.
 inline void softmax_columns(float* scores, int64_t tokens, int64_t mp) {
   for (int64_t col = 0; col < mp; col += kLanes) {
-    vec16 peak = splat(-__builtin_inff());
-    for (int64_t t = 0; t < tokens; ++t) peak = simd::vmax(peak, load16(scores + t * mp + col));
-    vec16 total = {};
+    vecf peak = splat(-__builtin_inff());
+    for (int64_t t = 0; t < tokens; ++t) peak = simd::vmax(peak, loadv(scores + t * mp + col));
+    vecf total = {};
     for (int64_t t = 0; t < tokens; ++t) {
-      const vec16 e = simd::exp_nonpositive(load16(scores + t * mp + col) - peak);
-      store16(scores + t * mp + col, e);
+      const vecf e = simd::exp_nonpositive(loadv(scores + t * mp + col) - peak);
+      storev(scores + t * mp + col, e);
       total += e;
     }
-    const vec16 inv = 1.f / total;
+    const vecf inv = 1.f / total;
     for (int64_t t = 0; t < tokens; ++t) {
-      store16(scores + t * mp + col, load16(scores + t * mp + col) * inv);
+      storev(scores + t * mp + col, loadv(scores + t * mp + col) * inv);
     }
   }
 }
@@ -86,18 +87,18 @@ inline void softmax_columns(float* scores, int64_t tokens, int64_t mp) {
 inline void online_softmax_tile(float* scores, int64_t rows, int64_t mp, float* run_max,
                                 float* run_sum, float* alpha) {
   for (int64_t col = 0; col < mp; col += kLanes) {
-    vec16 peak = load16(run_max + col);
-    for (int64_t t = 0; t < rows; ++t) peak = simd::vmax(peak, load16(scores + t * mp + col));
-    const vec16 a = simd::exp_nonpositive(load16(run_max + col) - peak);
-    vec16 total = {};
+    vecf peak = loadv(run_max + col);
+    for (int64_t t = 0; t < rows; ++t) peak = simd::vmax(peak, loadv(scores + t * mp + col));
+    const vecf a = simd::exp_nonpositive(loadv(run_max + col) - peak);
+    vecf total = {};
     for (int64_t t = 0; t < rows; ++t) {
-      const vec16 e = simd::exp_nonpositive(load16(scores + t * mp + col) - peak);
-      store16(scores + t * mp + col, e);
+      const vecf e = simd::exp_nonpositive(loadv(scores + t * mp + col) - peak);
+      storev(scores + t * mp + col, e);
       total += e;
     }
-    store16(alpha + col, a);
-    store16(run_max + col, peak);
-    store16(run_sum + col, load16(run_sum + col) * a + total);
+    storev(alpha + col, a);
+    storev(run_max + col, peak);
+    storev(run_sum + col, loadv(run_sum + col) * a + total);
   }
 }
 
@@ -105,10 +106,10 @@ inline void online_softmax_tile(float* scores, int64_t rows, int64_t mp, float* 
 inline void scale_rows(float* context, int64_t m_valid, int64_t d, const float* factor) {
   for (int64_t m = 0; m < m_valid; ++m) {
     if (factor[m] == 1.f) continue;
-    const vec16 f = splat(factor[m]);
+    const vecf f = splat(factor[m]);
     int64_t k = 0;
     for (; k + kLanes <= d; k += kLanes)
-      store16(context + m * d + k, load16(context + m * d + k) * f);
+      storev(context + m * d + k, loadv(context + m * d + k) * f);
     for (; k < d; ++k) context[m * d + k] *= factor[m];
   }
 }
@@ -119,21 +120,32 @@ inline void scale_rows(float* context, int64_t m_valid, int64_t d, const float* 
 template <int MB, int KV>
 inline void context_block(const float* probs, const float* x, int64_t t0, int64_t t1, int64_t d,
                           int64_t mp, int64_t m0, int64_t m_valid, int64_t k0, float* context) {
-  vec16 acc[MB][KV] = {};
+  vecf acc[MB][KV] = {};
   for (int i = 0; i < MB && m0 + i < m_valid; ++i) {
-    for (int j = 0; j < KV; ++j) acc[i][j] = load16(context + (m0 + i) * d + k0 + j * kLanes);
+    for (int j = 0; j < KV; ++j) acc[i][j] = loadv(context + (m0 + i) * d + k0 + j * kLanes);
   }
   for (int64_t t = t0; t < t1; ++t) {
-    vec16 xv[KV];
-    for (int j = 0; j < KV; ++j) xv[j] = load16(x + t * d + k0 + j * kLanes);
+    vecf xv[KV];
+    for (int j = 0; j < KV; ++j) xv[j] = loadv(x + t * d + k0 + j * kLanes);
     for (int i = 0; i < MB; ++i) {
-      const vec16 pb = splat(probs[t * mp + m0 + i]);
+      const vecf pb = splat(probs[t * mp + m0 + i]);
       for (int j = 0; j < KV; ++j) acc[i][j] += pb * xv[j];
     }
   }
   for (int i = 0; i < MB && m0 + i < m_valid; ++i) {
-    for (int j = 0; j < KV; ++j) store16(context + (m0 + i) * d + k0 + j * kLanes, acc[i][j]);
+    for (int j = 0; j < KV; ++j) storev(context + (m0 + i) * d + k0 + j * kLanes, acc[i][j]);
   }
+}
+
+// Rows of the context per register block: MB x 2 accumulators + 2 x vectors + 1
+// broadcast must fit the vector registers (8 x 2 + 3 = 19 of 32 zmm; 6 x 2 + 3 = 15 of
+// 16 ymm/xmm). The probs matrix must have at least ceil(M / kContextRows) * kContextRows
+// columns (padded_queries), since a block's extra rows are computed, not stored.
+constexpr int kContextRows = simd::kRegisters >= 32 ? 8 : 6;
+
+inline int64_t padded_queries(int64_t m) {
+  const int64_t blocks = (m + kContextRows - 1) / kContextRows * kContextRows;
+  return (blocks + 15) / 16 * 16;  // whole 16-float rows for every lane width
 }
 
 // Tokens per tile of the context pass: each column block sweeps the tile's rows for
@@ -152,12 +164,12 @@ inline void context_columns(const float* probs, const float* x, int64_t tokens, 
     const int64_t t1 = std::min(tokens, t0 + kTokenTile);
     int64_t k = k_begin;
     for (; k + 2 * kLanes <= k_end; k += 2 * kLanes) {
-      for (int64_t m0 = 0; m0 < m_valid; m0 += 8)
-        context_block<8, 2>(probs, x, t0, t1, d, mp, m0, m_valid, k, context);
+      for (int64_t m0 = 0; m0 < m_valid; m0 += kContextRows)
+        context_block<kContextRows, 2>(probs, x, t0, t1, d, mp, m0, m_valid, k, context);
     }
     for (; k + kLanes <= k_end; k += kLanes) {
-      for (int64_t m0 = 0; m0 < m_valid; m0 += 8)
-        context_block<8, 1>(probs, x, t0, t1, d, mp, m0, m_valid, k, context);
+      for (int64_t m0 = 0; m0 < m_valid; m0 += kContextRows)
+        context_block<kContextRows, 1>(probs, x, t0, t1, d, mp, m0, m_valid, k, context);
     }
     for (int64_t m = 0; m < m_valid; ++m) {
       for (int64_t j = k; j < k_end; ++j) {
@@ -178,12 +190,12 @@ inline void pool_row(const float* x, int64_t width, int64_t d, int64_t s, int64_
     float* dst = out + j * d;
     int64_t k = 0;
     for (; k + kLanes <= d; k += kLanes) {
-      vec16 acc = {};
+      vecf acc = {};
       for (int64_t r = 0; r < s; ++r) {
         const float* src = x + ((i * s + r) * width + j * s) * d + k;
-        for (int64_t c = 0; c < s; ++c) acc += load16(src + c * d);
+        for (int64_t c = 0; c < s; ++c) acc += loadv(src + c * d);
       }
-      store16(dst + k, acc / count);
+      storev(dst + k, acc / count);
     }
     for (; k < d; ++k) {
       float acc = 0.f;
@@ -196,4 +208,5 @@ inline void pool_row(const float* x, int64_t width, int64_t d, int64_t s, int64_
 }
 
 }  // namespace context_pool
+}  // namespace FC_ISA_NS
 }  // namespace fastcompress

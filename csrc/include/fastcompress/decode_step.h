@@ -1,5 +1,5 @@
 // Per-task math of one fused decode step of the UniCompress decompressor on CPU
-// (framework-free; the torch binding in csrc/cpu/decode_step_cpu.cpp schedules it).
+// (framework-free; the torch binding in csrc/cpu/decode_step_kernels.inc schedules it).
 //
 // At batch 1 a step reads ~60 MB of weights for ~30 MFLOP, so it is bound by memory,
 // not FLOPs. ATen's batch-1 linear runs single-threaded at ~8 GB/s from DRAM on this
@@ -14,12 +14,13 @@
 #include "fastcompress/simd.h"
 
 namespace fastcompress {
+inline namespace FC_ISA_NS {
 namespace decode {
 
 using simd::hsum;
 using simd::kLanes;
-using simd::load16;
-using simd::vec16;
+using simd::loadv;
+using simd::vecf;
 
 enum class Epilogue { kStore, kAddInto, kGelu, kGeluTanh };
 
@@ -59,18 +60,18 @@ constexpr int64_t kPrefetchFloats = 2048;
 template <int BT>
 inline void dot_rows(const float* row, const float* x, int64_t in, float* sums) {
   constexpr int U = BT >= 8 ? 1 : (BT >= 4 ? 2 : 4);
-  vec16 acc[BT][U] = {};
+  vecf acc[BT][U] = {};
   int64_t k = 0;
   for (; k + U * kLanes <= in; k += U * kLanes) {
     for (int u = 0; u < U; ++u) {
       __builtin_prefetch(row + k + u * kLanes + kPrefetchFloats, 0, 0);
-      const vec16 wv = load16(row + k + u * kLanes);
-      for (int b = 0; b < BT; ++b) acc[b][u] += wv * load16(x + b * in + k + u * kLanes);
+      const vecf wv = loadv(row + k + u * kLanes);
+      for (int b = 0; b < BT; ++b) acc[b][u] += wv * loadv(x + b * in + k + u * kLanes);
     }
   }
   for (; k + kLanes <= in; k += kLanes) {
-    const vec16 wv = load16(row + k);
-    for (int b = 0; b < BT; ++b) acc[b][0] += wv * load16(x + b * in + k);
+    const vecf wv = loadv(row + k);
+    for (int b = 0; b < BT; ++b) acc[b][0] += wv * loadv(x + b * in + k);
   }
   for (int b = 0; b < BT; ++b) {
     for (int u = 1; u < U; ++u) acc[b][0] += acc[b][u];
@@ -107,8 +108,8 @@ inline void gemv_rows(const float* w, const float* bias, const float* x, int64_t
 
 inline float dot(const float* a, const float* b, int dim) {
   const int body = dim - dim % kLanes;
-  vec16 acc = {};
-  for (int j = 0; j < body; j += kLanes) acc += load16(a + j) * load16(b + j);
+  vecf acc = {};
+  for (int j = 0; j < body; j += kLanes) acc += loadv(a + j) * loadv(b + j);
   float s = hsum(acc);
   for (int j = body; j < dim; ++j) s += a[j] * b[j];
   return s;
@@ -186,4 +187,5 @@ inline void layer_norm_row(const float* x, const float* weight, const float* bia
 }
 
 }  // namespace decode
+}  // namespace FC_ISA_NS
 }  // namespace fastcompress

@@ -11,13 +11,10 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define FC_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FC_HOST_DEVICE inline
-#endif
+#include "fastcompress/isa.h"
 
 namespace fastcompress {
+inline namespace FC_ISA_NS {
 
 // F.normalize's epsilon: the norm is clamped from below before dividing.
 constexpr float kNormEps = 1e-12f;
@@ -40,7 +37,7 @@ FC_HOST_DEVICE bool improves(float score, int32_t code, float best, int32_t best
 // Score of one code for one chunk; `row` is the code's d values, `bias` its bias.
 FC_HOST_DEVICE float code_score(const float* chunk, const float* row, float bias, int dim) {
   float acc = bias;
-  for (int j = 0; j < dim; ++j) acc = fmaf(chunk[j], row[j], acc);
+  for (int j = 0; j < dim; ++j) acc = scalar_fma(chunk[j], row[j], acc);
   return acc;
 }
 
@@ -64,9 +61,10 @@ FC_HOST_DEVICE float straight_through(const float* chunk, const float* code_row,
   for (int j = 0; j < dim; ++j) {
     const float diff = code_row[j] - chunk[j];
     out[j] = diff + chunk[j];
-    err = fmaf(diff, diff, err);
+    err = scalar_fma(diff, diff, err);
   }
   return err;
 }
 
+}  // namespace FC_ISA_NS
 }  // namespace fastcompress

@@ -1,61 +1,97 @@
-// 16-lane float vectors for the CPU kernels (GCC/Clang vector extensions: AVX-512 with
-// -march=native on this project's machines, split into narrower ops elsewhere).
+// Float vectors for the CPU kernels at one ISA level (GCC/Clang vector extensions plus a
+// few intrinsics). The kernels are compiled once per level, each time inside its own
+// namespace, and chosen at run time (csrc/cpu/isa_*.cpp, csrc/cpu/ops.cpp):
+//
+//   FC_ISA_LEVEL 3  AVX-512F     16 lanes, 32 vector registers
+//   FC_ISA_LEVEL 2  AVX2 + FMA    8 lanes, 16 vector registers
+//   FC_ISA_LEVEL 1  baseline      4 lanes (SSE2 on x86-64, NEON on aarch64), 16 (32 NEON)
+//
+// (levels and namespaces: isa.h). Register blocking in the kernels is derived from kLanes
+// and kRegisters, never written for one width.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#include "fastcompress/isa.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 namespace fastcompress {
+inline namespace FC_ISA_NS {
 namespace simd {
 
+#if FC_ISA_LEVEL == 3
 constexpr int kLanes = 16;
-typedef float vec16 __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t ivec16 __attribute__((vector_size(kLanes * sizeof(int32_t))));
+constexpr int kRegisters = 32;
+#elif FC_ISA_LEVEL == 2
+constexpr int kLanes = 8;
+constexpr int kRegisters = 16;
+#else
+constexpr int kLanes = 4;
+#if defined(__aarch64__)
+constexpr int kRegisters = 32;
+#else
+constexpr int kRegisters = 16;
+#endif
+#endif
 
-inline vec16 load16(const float* p) {
-  vec16 v;
+typedef float vecf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t veci __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline vecf loadv(const float* p) {
+  vecf v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline void storev(float* p, vecf v) { std::memcpy(p, &v, sizeof(v)); }
 
-// A true broadcast: `vec16{} + v` costs a scalar add (0 + v is not v for v = -0) and a
+// A true broadcast: `vecf{} + v` costs a scalar add (0 + v is not v for v = -0) and a
 // register shuffle per call, where a broadcast load folds into the load port.
-inline vec16 splat(float v) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vec16>(_mm512_set1_ps(v));
+inline vecf splat(float v) {
+#if FC_ISA_LEVEL == 3
+  return reinterpret_cast<vecf>(_mm512_set1_ps(v));
+#elif FC_ISA_LEVEL == 2
+  return reinterpret_cast<vecf>(_mm256_set1_ps(v));
+#elif defined(__aarch64__)
+  return reinterpret_cast<vecf>(vdupq_n_f32(v));
 #else
-  vec16 out;
-  for (int i = 0; i < kLanes; ++i) out[i] = v;
-  return out;
+  return reinterpret_cast<vecf>(_mm_set1_ps(v));
 #endif
 }
 
-inline float hsum(vec16 v) {
+inline float hsum(vecf v) {
   float s = 0.f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
 }
 
-inline vec16 vmax(vec16 a, vec16 b) { return a > b ? a : b; }
+inline vecf vmax(vecf a, vecf b) { return a > b ? a : b; }
 
-// a * b + c with one rounding, lane for lane. Written out (not left to -ffp-contract)
-// where a scalar fmaf chain must reproduce the same bits: contraction may fuse either
-// product of a sum of two products.
-inline vec16 fma16(vec16 a, vec16 b, vec16 c) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vec16>(_mm512_fmadd_ps(
+// a * b + c lane for lane, rounded as scalar_fma rounds. Written out (not left to
+// -ffp-contract) where a scalar chain must reproduce the same bits: contraction may
+// fuse either product of a sum of two products.
+inline vecf fmav(vecf a, vecf b, vecf c) {
+#if FC_ISA_LEVEL == 3
+  return reinterpret_cast<vecf>(_mm512_fmadd_ps(
       reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
+#elif FC_ISA_LEVEL == 2
+  return reinterpret_cast<vecf>(_mm256_fmadd_ps(
+      reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
+#elif defined(__aarch64__)
+  return reinterpret_cast<vecf>(vfmaq_f32(reinterpret_cast<float32x4_t>(c),
+                                          reinterpret_cast<float32x4_t>(a),
+                                          reinterpret_cast<float32x4_t>(b)));
 #else
-  vec16 out;
-  for (int i = 0; i < kLanes; ++i) out[i] = std::fma(a[i], b[i], c[i]);
-  return out;
+  return reinterpret_cast<vecf>(
+      _mm_add_ps(_mm_mul_ps(reinterpret_cast<__m128>(a), reinterpret_cast<__m128>(b)),
+                 reinterpret_cast<__m128>(c)));
 #endif
 }
 
@@ -63,24 +99,25 @@ inline vec16 fma16(vec16 a, vec16 b, vec16 c) {
 // |r| <= ln2 / 2, then 2^n times a degree-6 polynomial for e^r (Cephes' expf
 // coefficients), about 2 ulp. Arguments below -87.3 (where e^x leaves the normal range)
 // give 0, as the softmax of a masked-out score should.
-inline vec16 exp_nonpositive(vec16 x) {
-  const vec16 tiny = x < -87.3f ? splat(0.f) : splat(1.f);
+inline vecf exp_nonpositive(vecf x) {
+  const vecf tiny = x < -87.3f ? splat(0.f) : splat(1.f);
   x = x < -87.3f ? splat(-87.3f) : x;
-  const vec16 shifted = x * 1.44269504088896341f + 12582912.f;  // round to nearest
-  const vec16 n = shifted - 12582912.f;
-  const vec16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  vec16 p = splat(1.9875691500e-4f);
+  const vecf shifted = x * 1.44269504088896341f + 12582912.f;  // round to nearest
+  const vecf n = shifted - 12582912.f;
+  const vecf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  vecf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const ivec16 bits = (__builtin_convertvector(n, ivec16) + 127) << 23;
-  vec16 scale;
+  const veci bits = (__builtin_convertvector(n, veci) + 127) << 23;
+  vecf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale * tiny;
 }
 
 }  // namespace simd
+}  // namespace FC_ISA_NS
 }  // namespace fastcompress

@@ -1,0 +1,155 @@
+// The torch binding of the CPU kernels: one schema per op, and a dispatch to the ISA level
+// chosen once per process (csrc/cpu/isa_*.cpp hold one build of the kernels per level).
+// This file is compiled for the baseline, so the extension loads on any x86-64 (or
+// aarch64) CPU; a level's code runs only after the CPU is found to have it.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <tuple>
+
+namespace fastcompress {
+
+#define FC_DECLARE_KERNELS(NS)                                                                   \
+  namespace NS {                                                                                 \
+  namespace mcq_kernels {                                                                        \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(const at::Tensor& z,    \
+                                                                         const at::Tensor& book, \
+                                                                         const at::Tensor& bias, \
+                                                                         bool normalize,         \
+                                                                         bool full);             \
+  int64_t mcq_safety_net_hits();                                                                 \
+  }                                                                                              \
+  namespace context_pool_kernels {                                                               \
+  std::tuple<at::Tensor, at::Tensor> meta_context_pool(const at::Tensor& x,                      \
+                                                       const at::Tensor& folded, int64_t grid_h, \
+                                                       int64_t grid_w, int64_t stride);          \
+  std::tuple<at::Tensor, at::Tensor> compress_forward(                                           \
+      const at::Tensor& x, const at::Tensor& queries, const at::Tensor& in_proj_weight,          \
+      const c10::optional<at::Tensor>& in_proj_bias, const at::Tensor& out_proj_weight,          \
+      const c10::optional<at::Tensor>& out_proj_bias, int64_t num_heads, int64_t grid_h,         \
+      int64_t grid_w, int64_t stride);                                                           \
+  }                                                                                              \
+  namespace decode_step_kernels {                                                                \
+  at::Tensor decoder_step(const at::Tensor& x, at::TensorList params, at::TensorList cache_k,    \
+                          at::TensorList cache_v, at::TensorList ctx_k, at::TensorList ctx_v,    \
+                          int64_t position, int64_t heads, double eps, bool gelu_tanh);          \
+  }                                                                                              \
+  }
+
+FC_DECLARE_KERNELS(isa_baseline)
+#if defined(__x86_64__) || defined(_M_X64)
+FC_DECLARE_KERNELS(isa_avx2)
+FC_DECLARE_KERNELS(isa_avx512)
+#endif
+
+namespace {
+
+// Levels: 1 baseline, 2 AVX2 + FMA, 3 AVX-512 (F, BW, VL, DQ). __builtin_cpu_supports
+// also checks that the OS saves the wider registers (XCR0), not only the CPUID bits.
+int64_t best_supported_level() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return 3;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
+#endif
+  return 1;
+}
+
+std::atomic<int64_t>& active_level() {
+  static std::atomic<int64_t> level{best_supported_level()};
+  return level;
+}
+
+int64_t isa_level() { return active_level().load(); }
+
+int64_t max_isa_level() { return best_supported_level(); }
+
+void set_isa_level(int64_t level) {
+  TORCH_CHECK(level >= 1 && level <= 3, "set_isa_level: level must be 1 (baseline), 2 (avx2) or ",
+              "3 (avx512), got ", level);
+  TORCH_CHECK(level <= best_supported_level(), "set_isa_level: this CPU supports up to level ",
+              best_supported_level(), ", not ", level);
+  active_level().store(level);
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FC_DISPATCH(KERNELS, FN, ...)                \
+  switch (isa_level()) {                             \
+    case 3:                                          \
+      return isa_avx512::KERNELS::FN(__VA_ARGS__);   \
+    case 2:                                          \
+      return isa_avx2::KERNELS::FN(__VA_ARGS__);     \
+    default:                                         \
+      return isa_baseline::KERNELS::FN(__VA_ARGS__); \
+  }
+#else
+#define FC_DISPATCH(KERNELS, FN, ...) return isa_baseline::KERNELS::FN(__VA_ARGS__);
+#endif
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(
+    const at::Tensor& z, const at::Tensor& book, const at::Tensor& bias, bool normalize,
+    bool full){FC_DISPATCH(mcq_kernels, mcq_forward, z, book, bias, normalize, full)}
+
+int64_t mcq_safety_net_hits() {
+  int64_t hits = isa_baseline::mcq_kernels::mcq_safety_net_hits();
+#if defined(__x86_64__) || defined(_M_X64)
+  hits += isa_avx2::mcq_kernels::mcq_safety_net_hits();
+  hits += isa_avx512::mcq_kernels::mcq_safety_net_hits();
+#endif
+  return hits;
+}
+
+std::tuple<at::Tensor, at::Tensor> meta_context_pool(const at::Tensor& x, const at::Tensor& folded,
+                                                     int64_t grid_h, int64_t grid_w,
+                                                     int64_t stride){
+    FC_DISPATCH(context_pool_kernels, meta_context_pool, x, folded, grid_h, grid_w, stride)}
+
+std::tuple<at::Tensor, at::Tensor> compress_forward(const at::Tensor& x, const at::Tensor& queries,
+                                                    const at::Tensor& in_proj_weight,
+                                                    const c10::optional<at::Tensor>& in_proj_bias,
+                                                    const at::Tensor& out_proj_weight,
+                                                    const c10::optional<at::Tensor>& out_proj_bias,
+                                                    int64_t num_heads, int64_t grid_h,
+                                                    int64_t grid_w, int64_t stride){
+    FC_DISPATCH(context_pool_kernels, compress_forward, x, queries, in_proj_weight, in_proj_bias,
+                out_proj_weight, out_proj_bias, num_heads, grid_h, grid_w, stride)}
+
+at::Tensor decoder_step(const at::Tensor& x, at::TensorList params, at::TensorList cache_k,
+                        at::TensorList cache_v, at::TensorList ctx_k, at::TensorList ctx_v,
+                        int64_t position, int64_t heads, double eps, bool gelu_tanh) {
+  FC_DISPATCH(decode_step_kernels, decoder_step, x, params, cache_k, cache_v, ctx_k, ctx_v,
+              position, heads, eps, gelu_tanh)
+}
+
+}  // namespace
+}  // namespace fastcompress
+
+TORCH_LIBRARY(fastcompress_cpu, m) {
+  m.def("isa_level() -> int", &fastcompress::isa_level);
+  m.def("max_isa_level() -> int", &fastcompress::max_isa_level);
+  m.def("set_isa_level(int level) -> ()", &fastcompress::set_isa_level);
+  m.def("mcq_safety_net_hits() -> int", &fastcompress::mcq_safety_net_hits);
+  m.def(
+      "mcq_forward(Tensor z, Tensor book, Tensor bias, bool normalize, bool full)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.impl("mcq_forward", c10::DispatchKey::CPU, TORCH_FN(fastcompress::mcq_forward));
+  m.def(
+      "meta_context_pool(Tensor x, Tensor folded, int grid_h, int grid_w, int stride)"
+      " -> (Tensor, Tensor)");
+  m.impl("meta_context_pool", c10::DispatchKey::CPU, TORCH_FN(fastcompress::meta_context_pool));
+  m.def(
+      "compress_forward(Tensor x, Tensor queries, Tensor in_proj_weight, Tensor? in_proj_bias,"
+      " Tensor out_proj_weight, Tensor? out_proj_bias, int num_heads, int grid_h, int grid_w,"
+      " int stride) -> (Tensor, Tensor)");
+  m.impl("compress_forward", c10::DispatchKey::CPU, TORCH_FN(fastcompress::compress_forward));
+  m.def(
+      "decoder_step(Tensor x, Tensor[] params, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, "
+      "Tensor[] ctx_k, Tensor[] ctx_v, int position, int heads, float eps, bool gelu_tanh) "
+      "-> Tensor");
+  m.impl("decoder_step", c10::DispatchKey::CPU, TORCH_FN(fastcompress::decoder_step));
+}

@@ -1,0 +1,117 @@
+"""Run-time ISA dispatch of the C++ kernels (issue 12): one library holds every level,
+the CPU's best runs unless FASTCOMPRESS_CPU_ISA forces one, and nothing outside a
+level's own code uses that level's instructions, so the library (ahead of time or just
+in time) loads and runs on any x86-64 CPU. Parity at every level: conftest.py runs the
+C++ tests once per level the machine supports."""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastcompress as fc
+from fastcompress import _ext
+from fastcompress.reference import mcq_search_reference
+
+pytestmark = pytest.mark.skipif(
+    not _ext.load_cpu_extension(raise_on_error=False), reason="no C++ extension"
+)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_auto_picks_the_best_level_the_cpu_has():
+    supported = _ext.supported_cpu_isas()
+    assert supported[-1] == "baseline" and _ext.cpu_isa() == supported[0]
+    with open("/proc/cpuinfo") as f:
+        flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
+    want = "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else (
+        "avx2" if {"avx2", "fma"} <= flags else "baseline"
+    )  # fmt: skip
+    assert supported[0] == want
+
+
+def test_forcing_a_level_the_cpu_lacks_or_an_unknown_one_is_an_error():
+    code = (
+        "import torch, fastcompress as fc; fc.mcq_search(torch.randn(4, 8), torch.randn(1, 5, 8))"
+    )
+    out = _run(code, FASTCOMPRESS_CPU_ISA="sse9")
+    assert out.returncode != 0 and "FASTCOMPRESS_CPU_ISA must be one of" in out.stderr
+    missing = [name for name in ("avx512", "avx2") if name not in _ext.supported_cpu_isas()]
+    if missing:  # on an AVX-512 machine every level exists, and this part has nothing to force
+        out = _run(code, FASTCOMPRESS_CPU_ISA=missing[0])
+        assert out.returncode != 0 and "supports at most" in out.stderr, out.stderr[-500:]
+        with pytest.raises(ValueError, match="supports at most"):
+            _ext.set_cpu_isa(missing[0])
+    # A forced level the CPU has is used, also under the auto backend.
+    lowest = _ext.supported_cpu_isas()[-1]
+    out = _run(
+        "from fastcompress import _ext; _ext.load_cpu_extension(); print(_ext.cpu_isa())",
+        FASTCOMPRESS_CPU_ISA=lowest,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == lowest, out.stderr[-500:]
+
+
+def test_every_level_gives_exact_indices_on_exactly_representable_data():
+    z = torch.randint(-4, 5, (777, 64)).float()
+    books = torch.randint(-4, 5, (8, 300, 8)).float()
+    want = mcq_search_reference(z, books, False)
+    for name in _ext.supported_cpu_isas():
+        with _ext.forced_cpu_isa(name):
+            assert torch.equal(fc.mcq_search(z, books, normalize=False, backend="cpu"), want), name
+
+
+def _library() -> pathlib.Path:
+    origin = pathlib.Path(_ext.cpu_origin())
+    return origin if origin.is_file() else next(origin.glob("*.so"))
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+def test_no_avx_instruction_outside_the_avx_levels():
+    # The baseline and the binding must run on a CPU without AVX: any VEX/EVEX instruction
+    # (v-prefixed, ymm/zmm or mask registers) in a function outside the isa_avx2 /
+    # isa_avx512 namespaces (an inline function the linker shared between levels, say)
+    # would be a SIGILL there.
+    listing = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", str(_library())],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    offenders, vector_functions, function = set(), set(), None
+    for line in listing.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            function = head.group(1)
+            continue
+        parts = line.split("\t")
+        if function is None or len(parts) < 2 or not re.match(r"^\s+[0-9a-f]+:$", parts[0]):
+            continue
+        mnemonic = parts[1].split()[0] if parts[1].split() else ""
+        if mnemonic.startswith("v") or re.search(r"%[yz]mm|%k[0-7]", parts[1]):
+            if "isa_avx2::" in function or "isa_avx512::" in function:
+                vector_functions.add(function)
+            else:
+                offenders.add(function)
+    assert vector_functions, "the listing has no AVX code at all: is it parsed right?"
+    assert not offenders, sorted(offenders)[:10]
+
+
+def test_info_reports_the_level_and_the_cpu_features():
+    out = subprocess.run(
+        [sys.executable, "-m", "fastcompress", "info"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert f"cpu_isa: {_ext.cpu_isa()}" in out.stdout
+    assert "cpu_simd:" in out.stdout and "cpu_isa_supported:" in out.stdout
