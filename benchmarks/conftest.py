@@ -54,6 +54,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 if impl.startswith("fastcompress")
                 else ""
             )
+            levels = {k: v for k, v in times.items() if k.startswith("fastcompress[cpu:")}
+            if impl in levels and len(levels) > 1:
+                best = min(levels.values())
+                peer_txt += f"  {t / best:.2f}x the fastest ISA level's time"
             peak = info.get("peak_mb")
             peak_txt = f"peak {peak:.1f} MiB" if peak is not None else ""
             terminalreporter.write_line(

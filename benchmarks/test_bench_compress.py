@@ -9,12 +9,13 @@ folded FLOPs are 4*B*T*M*d (scores + context, M = N_g * heads) against the refer
 
 import pytest
 import torch
+from isa_levels import at_level, cpu_impls
 
 import fastcompress as fc
 from fastcompress.reference.compress import compress_folded_einsum, compress_reference
 
 BATCH, GRID, META, HEADS = 8, (32, 32), 4, 8
-IMPLS = ["fastcompress[cpu]", "torch reference", "torch.compile(reference)", "einsum folding"]
+IMPLS = [*cpu_impls(), "torch reference", "torch.compile(reference)", "einsum folding"]
 _compiled = {}
 
 
@@ -35,7 +36,7 @@ def _problem(dim):
 
 
 def _impl(name, mha, stride):
-    if name == "fastcompress[cpu]":
+    if name.startswith("fastcompress[cpu"):
         return lambda x, w: fc.compress(x, GRID, stride, *w, backend="cpu")
     if name == "torch reference":
 
@@ -71,7 +72,7 @@ def _info(dim, stride):
 def test_compress_forward(benchmark, record, dim, stride, impl):
     x, weights, mha = _problem(dim)
     fn = _impl(impl, mha, stride)
-    with torch.no_grad():
+    with torch.no_grad(), at_level(impl):
         meta, pooled = fn(x, weights)
         want_meta, want_pooled = compress_reference(x, GRID, stride, *weights)
         torch.testing.assert_close(meta, want_meta, rtol=1e-4, atol=1e-4)
@@ -84,7 +85,7 @@ def test_compress_forward(benchmark, record, dim, stride, impl):
         )
 
 
-@pytest.mark.parametrize("impl", ["fastcompress[cpu]", "torch reference", "einsum folding"])
+@pytest.mark.parametrize("impl", [*cpu_impls(), "torch reference", "einsum folding"])
 def test_compress_forward_backward(benchmark, record, impl):
     dim, stride = 1024, 2
     x0, weights0, mha = _problem(dim)
@@ -102,4 +103,5 @@ def test_compress_forward_backward(benchmark, record, impl):
 
     benchmark.group = f"compress fwd+bwd d={dim} s={stride}"
     record(benchmark, impl, "grads checked in tests", None)
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    with at_level(impl):
+        benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)

@@ -6,11 +6,13 @@ with HF-style growing caches; the no-cache reference on a 16 x 16 grid (quadrati
 import pytest
 import torch
 from decoder_baselines import generate_plain
+from isa_levels import at_level, cpu_impls
 
 from fastcompress.nn import ARDecompressor
 
 DIM, DEPTH, HEADS, CONTEXT = 512, 4, 8, 260
-IMPLS = ["fastcompress generate", "plain torch static cache", "HF-style growing cache"]
+# The fused step is C++: one impl per ISA level ("fastcompress[cpu:avx2]", ...).
+IMPLS = [*cpu_impls(), "plain torch static cache", "HF-style growing cache"]
 
 
 def _model(tokens):
@@ -19,8 +21,9 @@ def _model(tokens):
 
 
 def _run(impl, model, context, steps):
-    if impl == "fastcompress generate":
-        return model.generate(context, steps)
+    if impl.startswith("fastcompress"):
+        with at_level(impl):
+            return model.generate(context, steps)
     if impl == "no-cache reference":
         return model.generate_reference(context, steps)
     return generate_plain(model, context, steps, growing=impl.startswith("HF"))
@@ -39,13 +42,13 @@ def test_generate_1024(benchmark, record, batch, impl):
     benchmark.pedantic(
         _run, args=(impl, model, context, 1024), rounds=1, iterations=1, warmup_rounds=0
     )
-    if impl == "fastcompress generate":
+    if impl.startswith("fastcompress"):
         assert model.last_cache_bytes == DEPTH * 2 * batch * 1024 * DIM * 4
         benchmark.extra_info["ms_per_step"] = benchmark.stats.stats.median / 1024 * 1e3
 
 
 @pytest.mark.parametrize(
-    "impl", ["fastcompress generate", "plain torch static cache", "no-cache reference"]
+    "impl", [*cpu_impls()[:1], "plain torch static cache", "no-cache reference"]
 )
 def test_generate_256_vs_no_cache(benchmark, record, impl):
     model = _model(256)
