@@ -15,10 +15,15 @@ import torch
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
-# Backends that have passed a parity run on a real GPU (see benchmarks/NOTES.md).
-# Nothing built here has run on a GPU yet, so ``auto`` on CUDA tensors stays on the
-# reference until such a run is recorded.
-GPU_VERIFIED: tuple[str, ...] = ()
+# GPU kernels that `auto` may use, per op: each only after its on-device parity probe
+# passed on this GPU model with these versions (fastcompress/_probe.py).
+GPU_CANDIDATES = {
+    "mcq_search": ("cuda", "triton"),
+    "mcq_quantize": ("cuda", "triton"),
+    "compress": ("triton",),
+    "decode_attention": ("triton",),
+    "voco_attention": ("triton",),
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -102,9 +107,21 @@ def select_backend(device: torch.device, backend: str | None = None, *, op: str)
     if device.type == "cpu":
         return "cpu" if backend_available("cpu", device)[0] else "reference"
     if device.type == "cuda":
-        for candidate in ("cuda", "triton"):
-            if candidate in GPU_VERIFIED and backend_available(candidate, device)[0]:
-                return candidate
+        return choose_auto_gpu(op, device)
+    return "reference"
+
+
+def choose_auto_gpu(op: str, device: torch.device, available=None, verdict=None) -> str:
+    """``auto`` on a GPU: the first candidate kernel for ``op`` that can run and has passed
+    its parity probe on this device (probing it now if it never has); else the reference.
+    ``available`` / ``verdict`` replace backend_available / _probe.verdict in tests."""
+    from fastcompress import _probe
+
+    available = available or backend_available
+    verdict = verdict or _probe.verdict
+    for candidate in GPU_CANDIDATES.get(op, ()):
+        if available(candidate, device)[0] and verdict(candidate, op, device)["ok"]:
+            return candidate
     return "reference"
 
 

@@ -13,7 +13,8 @@ DESCRIPTION = (
     "fastcompress: fused kernels for visual-token compression. "
     "'demo' is the main job (train, compress, quantise, regenerate), "
     "'info' shows the environment and backends, 'build' builds the C++ extension now, "
-    "'bench' times every backend and peer against the torch reference."
+    "'bench' times every backend and peer against the torch reference, 'selftest' checks "
+    "every backend on a device against the reference and writes a report."
 )
 
 
@@ -31,6 +32,14 @@ def cmd_info(_args) -> int:
         print(f"backends for {device.type} tensors:")
         for name, status in available_backends(device).items():
             print(f"  {name:10s} {status}")
+    from fastcompress import _probe
+
+    verdicts = _probe.load_verdicts()
+    print("GPU parity probes (what 'auto' may use):" + ("" if verdicts else " none recorded"))
+    for key, rows in verdicts.items():
+        print(f"  {key}")
+        for kernel, row in sorted(rows.items()):
+            print(f"    {kernel:28s} {'passed' if row['ok'] else 'FAILED: ' + row['error']}")
     return 0
 
 
@@ -78,6 +87,20 @@ def cmd_bench(args) -> int:
     print(f"results: {path}" + (f", plot: {png}" if png else ""))
     failed = [r for r in results if r.parity.startswith("FAIL")]
     return 1 if failed else 0
+
+
+def cmd_selftest(args) -> int:
+    from fastcompress.selftest import run_selftest
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    report = run_selftest(args.device, args.out, args.n, args.quick, progress=print)
+    failed = [f"{r['backend']} {r['check']}" for r in report["checks"] if not r["ok"]]
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    seconds = time.perf_counter() - start
+    print(f"selftest {verdict} in {seconds:.0f} s" + (f": {', '.join(failed)}" if failed else ""))
+    print(f"report: {args.out}/selftest.md, .json, .png")
+    return 0 if report["passed"] else 1
 
 
 def cmd_demo(args) -> int:
@@ -128,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results", help="folder for the JSON and PNG")
     bench.add_argument("--quiet", action="store_true", help="no progress display")
     bench.set_defaults(fn=cmd_bench)
+
+    selftest = sub.add_parser(
+        "selftest", help="every backend on a device against the reference, then benchmarks"
+    )
+    selftest.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="device to check (cpu)"
+    )
+    selftest.add_argument("--n", type=int, default=16384, help="feature vectors in the benchmarks")
+    selftest.add_argument("--threads", type=int, default=2, help="CPU threads (2)")
+    selftest.add_argument("--quick", action="store_true", help="no faiss peer in the benchmarks")
+    selftest.add_argument("--out", default="selftest-results", help="folder for the report")
+    selftest.set_defaults(fn=cmd_selftest)
 
     demo = sub.add_parser("demo", help="the main job: train, compress, quantise, regenerate")
     demo.add_argument("--steps", type=int, default=300, help="training steps (300)")
