@@ -88,10 +88,10 @@ def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
         if device.type != "cuda":
             return False, f"the 'cuda' backend takes CUDA tensors, got device {device}"
         if not cuda_extension_available():
-            return (
-                False,
-                "the CUDA extension is not built (it needs a torch with CUDA at build time)",
-            )
+            from fastcompress import _ext
+
+            why = _ext._state.get("cuda_error", "")
+            return False, f"the CUDA extension could not be built or loaded: {why}"
         return True, ""
     return False, f"unknown backend {name!r}"
 

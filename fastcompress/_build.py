@@ -35,7 +35,9 @@ CUDA_SOURCE_NAMES = ("mcq_binding.cpp", "mcq_search.cu")
 # (csrc/cpu/isa_*.cpp), so the same binary runs on any x86-64 CPU, ahead of time or
 # just in time. -ffp-contract=fast: the kernels spell out the FMAs whose rounding must
 # match a scalar chain (simd::fmav); everywhere else contraction is free speed.
-CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-std=c++17", "-Wno-psabi"]
+# No -std either: torch.utils.cpp_extension picks the standard the installed torch's
+# headers need (C++17 up to torch 2.13, C++20 from 2.14 on), and the sources build as both.
+CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"]
 CPU_LDFLAGS = ["-fopenmp"]
 
 
@@ -81,14 +83,37 @@ def build_key(flags: list[str], torch_version: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def cuda_library_headers() -> list[str]:
+    """Include folders of the CUDA libraries that ATen's CUDA headers name (cusparse.h,
+    cublas_v2.h, ...) where they come from pip (``nvidia/cu13/include`` beside a CUDA
+    torch) rather than from a full CUDA toolkit."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    found = []
+    for base in spec.submodule_search_locations if spec else []:
+        for header in sorted(pathlib.Path(base).glob("*/include/cusparse.h")):
+            found.append(str(header.parent))
+    return found
+
+
 def setup_extensions():
     """ext_modules and cmdclass for the ahead-of-time build against the installed torch.
-    Each built library gets a ``.key`` file beside it with its build key; the loader uses
-    it only while that key matches the sources in hand."""
+    The loader uses the CPU library only while its build key matches the sources in hand."""
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+        # torch infers CUDA_HOME from where nvcc is; an nvcc wrapper in /usr/local/bin
+        # would give /usr/local, which has no CUDA headers.
+        for home in (
+            "/usr/local/cuda",
+            os.path.dirname(os.path.dirname(shutil.which("nvcc") or "")),
+        ):
+            if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+                os.environ["CUDA_HOME"] = home
+                break
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     root = PACKAGE.parent / "csrc"
     include = [str(root / "include")]
     rel = [os.path.relpath(p, PACKAGE.parent) for p in cpu_sources(root)]
@@ -106,16 +131,21 @@ def setup_extensions():
             CUDAExtension(
                 "fastcompress._C_cuda",
                 [f"csrc/cuda/{name}" for name in CUDA_SOURCE_NAMES],
-                include_dirs=include,
+                include_dirs=include + cuda_library_headers(),
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
             )
         )
+    # The key is compiled into the library as a marker string (ops.cpp), so the loader
+    # can read it from the file, whatever the install copied where, without loading it.
     key = build_key(CPU_CFLAGS, torch.__version__)
+    ext_modules[0].extra_compile_args = CPU_CFLAGS + [f"-DFASTCOMPRESS_BUILD_KEY={key}"]
+    return ext_modules, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
-    class BuildWithKey(BuildExtension.with_options(use_ninja=True)):
-        def build_extension(self, ext):
-            super().build_extension(ext)
-            if ext.name == "fastcompress._C_cpu":
-                pathlib.Path(self.get_ext_fullpath(ext.name) + ".key").write_text(key)
 
-    return ext_modules, {"build_ext": BuildWithKey}
+def library_build_key(path: str) -> str | None:
+    """The build key compiled into an ahead-of-time library, or None."""
+    import re
+
+    with open(path, "rb") as f:
+        found = re.search(rb"FASTCOMPRESS_BUILD_KEY=([0-9a-f]{16})", f.read())
+    return found.group(1).decode() if found else None

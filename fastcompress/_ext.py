@@ -45,9 +45,8 @@ def _prebuilt_cpu_library() -> str | None:
     spec = importlib.util.find_spec("fastcompress._C_cpu")
     if spec is None or spec.origin is None:
         return None
-    key_file = pathlib.Path(spec.origin + ".key")
     want = _build.build_key(_build.CPU_CFLAGS, torch.__version__)
-    if not key_file.exists() or key_file.read_text().strip() != want:
+    if _build.library_build_key(spec.origin) != want:
         return None  # built from other sources or for another torch: build just in time
     return spec.origin
 
@@ -167,15 +166,53 @@ def cpu_origin() -> str:
     return str(_state.get("cpu_from", ""))
 
 
+def _jit_build_cuda() -> None:
+    """Build the CUDA extension for this torch and this GPU's architecture (cached like the
+    CPU one; the key adds the architecture)."""
+    import shutil
+
+    from filelock import FileLock
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None or shutil.which("nvcc") is None:
+        raise RuntimeError("needs a torch with CUDA and nvcc to build the CUDA extension")
+    major, minor = torch.cuda.get_device_capability()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    root = _build.csrc_root()
+    sources = [root / "cuda" / name for name in _build.CUDA_SOURCE_NAMES]
+    key = _build.build_key(["cuda", f"sm_{major}{minor}", *(p.name for p in sources)],
+                           torch.__version__)  # fmt: skip
+    build_dir = cache_root() / f"cuda-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(build_dir / "build.lock")):
+        cpp_extension.load(
+            name="fastcompress_cuda_jit",
+            sources=[str(p) for p in sources],
+            extra_include_paths=[str(root / "include"), *_build.cuda_library_headers()],
+            extra_cuda_cflags=["-O3"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=os.environ.get("FASTCOMPRESS_VERBOSE_BUILD", "0") == "1",
+        )
+
+
 def load_cuda_extension(raise_on_error: bool = True) -> bool:
-    """The CUDA extension exists only where setup.py ran against a torch with CUDA."""
+    """The CUDA extension: the ahead-of-time one where setup.py built it against a torch
+    with CUDA, else built just in time on first use (a GPU, a CUDA torch and nvcc)."""
     with _lock:
         if "cuda" not in _state:
-            spec = importlib.util.find_spec("fastcompress._C_cuda")
-            ok = spec is not None and spec.origin is not None and torch.cuda.is_available()
-            if ok:
-                torch.ops.load_library(spec.origin)
-            _state["cuda"] = ok
+            try:
+                if not torch.cuda.is_available():
+                    raise RuntimeError("torch sees no CUDA device")
+                spec = importlib.util.find_spec("fastcompress._C_cuda")
+                if spec is not None and spec.origin is not None:
+                    torch.ops.load_library(spec.origin)
+                else:
+                    _jit_build_cuda()
+                _state["cuda"] = True
+            except Exception as exc:
+                _state["cuda"] = False
+                _state["cuda_error"] = f"{type(exc).__name__}: {exc}"
         if not _state["cuda"] and raise_on_error:
-            raise RuntimeError("fastcompress CUDA extension is not built in this install")
+            raise RuntimeError(f"fastcompress CUDA extension unavailable: {_state['cuda_error']}")
         return bool(_state["cuda"])

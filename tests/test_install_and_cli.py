@@ -154,3 +154,22 @@ def test_error_messages_name_what_the_user_passed():
     w_in, w_out = torch.randn(3 * dim, dim), torch.randn(dim, dim)
     with pytest.raises(ValueError, match=r"2-D \(N_g, d=16\).*queries\[0\]"):
         fc.compress(torch.randn(1, 16, dim), (4, 4), 2, queries, w_in, None, w_out, None, 2)
+
+
+def test_an_ahead_of_time_library_is_used_only_while_its_key_matches(tmp_path, monkeypatch):
+    import importlib.util
+    import types
+
+    from fastcompress import _build, _ext
+
+    want = _build.build_key(_build.CPU_CFLAGS, torch.__version__)
+    library = tmp_path / "_C_cpu.so"
+    spec = types.SimpleNamespace(origin=str(library))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    library.write_bytes(b"\x7fELF...FASTCOMPRESS_BUILD_KEY=" + want.encode() + b"\0...")
+    assert _build.library_build_key(str(library)) == want
+    assert _ext._prebuilt_cpu_library() == str(library)
+    library.write_bytes(b"\x7fELF...FASTCOMPRESS_BUILD_KEY=0123456789abcdef\0")  # other sources
+    assert _ext._prebuilt_cpu_library() is None
+    library.write_bytes(b"\x7fELF... no marker")  # built before keys existed
+    assert _ext._prebuilt_cpu_library() is None

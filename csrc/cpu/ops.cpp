@@ -8,6 +8,15 @@
 #include <atomic>
 #include <tuple>
 
+#if defined(FASTCOMPRESS_BUILD_KEY)
+// An ahead-of-time build carries the hash of its sources and flags (fastcompress/_build.py)
+// as a marker string, which the loader reads from the file before deciding to load it.
+#define FC_STRINGIFY_(x) #x
+#define FC_STRINGIFY(x) FC_STRINGIFY_(x)
+extern "C" __attribute__((used, visibility("default"))) const char fastcompress_build_key[] =
+    "FASTCOMPRESS_BUILD_KEY=" FC_STRINGIFY(FASTCOMPRESS_BUILD_KEY);
+#endif
+
 namespace fastcompress {
 
 #define FC_DECLARE_KERNELS(NS)                                                                   \
