@@ -20,6 +20,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 GPU_CANDIDATES = {
     "mcq_search": ("cuda", "triton"),
     "mcq_quantize": ("cuda", "triton"),
+    "mcq_quantize backward": ("triton",),
     "compress": ("triton",),
     "decode_attention": ("triton",),
     "voco_attention": ("triton",),

@@ -24,6 +24,7 @@ import torch
 FAMILIES = {
     "mcq_search": "mcq",
     "mcq_quantize": "mcq",
+    "mcq_quantize backward": "mcq",
     "compress": "compress",
     "decode_attention": "decode_attention",
     "voco_attention": "voco",
