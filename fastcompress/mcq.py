@@ -312,7 +312,13 @@ def _as_codebooks(
 def _rows(z: Tensor, books: Tensor, channel_dim: int) -> tuple[Tensor, int]:
     """Validate and move channels last: returns ``(N, C)`` rows and the channel dim."""
     check_tensor("z", z, dtypes=FLOAT_DTYPES)
-    check_same("codebooks", books, "z", z)
+    if books.dtype == torch.float32 and z.dtype != torch.float32:
+        # A float32 master codebook with half-precision features (UniTok under autocast):
+        # the search, losses and codebook gradients stay float32; z_q follows z.
+        if books.device != z.device:
+            raise ValueError(f"codebooks is on {books.device} but z is on {z.device}")
+    else:
+        check_same("codebooks", books, "z", z)
     if z.dim() < 2:
         raise ValueError(f"z must have at least 2 dimensions (..., C), got shape {tuple(z.shape)}")
     if not -z.dim() <= channel_dim < z.dim():

@@ -11,6 +11,7 @@ from helpers import assert_same_codes
 from unitok_semantics import UniTokQuantizer
 
 from fastcompress.nn import MultiCodebookQuantizer
+from fastcompress.reference import mcq_search_reference
 
 CONFIG = dict(vocab_size=8 * 96, vocab_width=64, beta=0.25, num_codebooks=8)
 
@@ -119,3 +120,33 @@ def test_usage_all_reduced_across_ranks_gloo():
     for rank in range(2):
         assert results[rank][0] == pytest.approx(usage.item())
         torch.testing.assert_close(results[rank][1], single.codebooks[0].vocab_usage)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_features_search_the_float32_master_codebook(backend, dtype):
+    # UniTok searches its float32 codebook even for bf16 features: rounding the codebook
+    # to the feature dtype picks other codes at near-ties and rounds its gradients.
+    torch.manual_seed(0)
+    quantizer = MultiCodebookQuantizer(2048, 64, num_codebooks=8, backend=backend)
+    features = torch.randn(4, 300, 64).to(dtype)
+    z_q, vq_loss, _, _ = quantizer(features)
+    assert z_q.dtype == torch.float32  # UniTok's output dtype, the module default
+    (z_q.square().sum() + vq_loss).backward()
+    grads = [entry.codebook.weight.grad for entry in quantizer.codebooks]
+    assert all(g.dtype == torch.float32 for g in grads)
+    books = quantizer.stacked_codebooks().detach()
+    rows = features.float().reshape(-1, 64)
+    want = mcq_search_reference(rows, books, True)
+    got = quantizer.f_to_idx(features).permute(0, 2, 1).reshape(-1, 8)
+    assert_same_codes(rows, books, got, want, True)
+    # The same values given in float32 give the same indices, loss and codebook gradients.
+    twin = MultiCodebookQuantizer(2048, 64, num_codebooks=8, backend=backend)
+    twin.load_state_dict(quantizer.state_dict())
+    z_q32, vq_loss32, _, _ = twin(features.float())
+    (z_q32.square().sum() + vq_loss32).backward()
+    torch.testing.assert_close(vq_loss, vq_loss32, atol=1e-6, rtol=1e-5)
+    for g, g32 in zip(grads, [e.codebook.weight.grad for e in twin.codebooks], strict=True):
+        torch.testing.assert_close(g, g32, atol=1e-3, rtol=1e-2)
+    out = MultiCodebookQuantizer(2048, 64, num_codebooks=8, output_dtype=None)(features)[0]
+    assert out.dtype == dtype

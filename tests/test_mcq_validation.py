@@ -28,10 +28,17 @@ def test_codebooks_wrong_rank():
 
 
 def test_dtype_mismatch(books):
+    # A float32 master codebook takes any feature dtype; otherwise the dtypes must match.
     with pytest.raises(
-        TypeError, match="codebooks has dtype torch.float32 but z has torch.bfloat16"
+        TypeError, match="codebooks has dtype torch.float16 but z has torch.bfloat16"
     ):
-        fc.mcq_quantize(torch.randn(2, 3, 64, dtype=torch.bfloat16), books)
+        fc.mcq_quantize(torch.randn(2, 3, 64, dtype=torch.bfloat16), books.half())
+    with pytest.raises(
+        TypeError, match="codebooks has dtype torch.bfloat16 but z has torch.float32"
+    ):
+        fc.mcq_quantize(torch.randn(2, 3, 64), books.bfloat16())
+    out = fc.mcq_quantize(torch.randn(2, 3, 64, dtype=torch.bfloat16), books)
+    assert out.z_q.dtype == torch.bfloat16
 
 
 def test_integer_z(books):

@@ -65,8 +65,12 @@ class MultiCodebookQuantizer(nn.Module):
         num_codebooks: int = 16,
         normalize: bool = True,
         backend: str | None = None,
+        output_dtype: torch.dtype | None = torch.float32,
     ) -> None:
         super().__init__()
+        # UniTok's forward returns float32 features_hat whatever the input dtype (it runs
+        # the quantizer in float32); None returns the input's dtype instead.
+        self.output_dtype = output_dtype
         if vocab_size % num_codebooks or vocab_width % num_codebooks:
             raise ValueError(
                 f"vocab_size={vocab_size} and vocab_width={vocab_width} must both "
@@ -100,14 +104,17 @@ class MultiCodebookQuantizer(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         out, usage = self.quantize(features)
         entropy = out.entropy_loss if out.entropy_loss is not None else out.vq_loss.new_zeros(())
-        return out.z_q, out.vq_loss, entropy, usage
+        z_q = out.z_q if self.output_dtype is None else out.z_q.to(self.output_dtype)
+        return z_q, out.vq_loss, entropy, usage
 
     def quantize(self, features: Tensor) -> tuple[MCQOutput, Tensor]:
         """Like ``forward`` but returns the whole :class:`fastcompress.MCQOutput` (with
         indices ``(..., G)``) and the usage percentage; the usage EMA is updated."""
+        # The float32 master codebook whatever the feature dtype, as UniTok searches: a
+        # codebook rounded to bf16 picks other codes and rounds the codebook gradients.
         out = mcq_quantize(
             features,
-            self.stacked_codebooks().to(features.dtype),
+            self.stacked_codebooks(),
             beta=self.beta,
             normalize=self.normalize,
             entropy_temp=self.entropy_temp if self.use_entropy_loss else None,
@@ -131,7 +138,7 @@ class MultiCodebookQuantizer(nn.Module):
         """``(B, L, C)`` -> indices ``(B, G, L)`` (UniTok's layout)."""
         idx = mcq_search(
             features,
-            self.stacked_codebooks().to(features.dtype),
+            self.stacked_codebooks().detach(),
             normalize=self.normalize,
             backend=self.backend,
         )
