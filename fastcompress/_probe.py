@@ -35,7 +35,22 @@ _memory: dict[tuple[str, str, str], dict] = {}
 
 
 def device_key(device: torch.device) -> str:
-    """What a verdict holds for: the device model and every version in the chain."""
+    """What a verdict holds for: the device model and every version in the chain. Asked on
+    every op call under ``auto`` on a GPU, so it is worked out (NVML, device properties)
+    once per device and process."""
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    cached = _keys.get((device.type, index))
+    if cached is None:
+        cached = _keys[(device.type, index)] = _describe(device.type, index)
+    return cached
+
+
+_keys: dict[tuple[str, int | None], str] = {}
+
+
+def _describe(kind: str, index: int | None) -> str:
     import fastcompress
 
     parts = [f"fastcompress {fastcompress.__version__}", f"torch {torch.__version__}"]
@@ -45,12 +60,11 @@ def device_key(device: torch.device) -> str:
         parts.append(f"triton {triton.__version__}")
     except ImportError:
         parts.append("no triton")
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
+    if kind == "cuda":
         props = torch.cuda.get_device_properties(index)
         parts += [props.name, f"sm_{props.major}{props.minor}", f"driver {_driver()}"]
     else:
-        parts.append(device.type)
+        parts.append(kind)
     return " | ".join(parts)
 
 
