@@ -7,7 +7,10 @@ may attend):
 - hybrid rows: ``"isolated"`` (HTC-VLM): each sees itself only; ``"causal"``
   (VoCo-LLaMA): the prefix and the hybrid tokens up to itself;
 - ``<voco>`` rows: the prefix, every hybrid token, and ``<voco>`` up to itself;
-- text rows: the prefix, every ``<voco>``, and text up to itself (never the hybrids).
+- text rows: every ``<voco>`` and text up to itself, never the hybrids. VoCo-LLaMA
+  hides everything before the first ``<voco>`` from the text, the prefix (BOS, system
+  prompt) included, and HTC-VLM's text "only reads <voco>": so by default the text does
+  not see the prefix either; ``text_sees_prefix=True`` opens the prefix to the text.
 
 ``voco_attention`` exploits the structure instead of masking an ``L x L`` matrix:
 isolated hybrid rows return their own value (softmax over one key), and every other
@@ -31,13 +34,15 @@ HYBRID_MODES = ("isolated", "causal")
 
 @dataclasses.dataclass(frozen=True)
 class VocoLayout:
-    """Token counts of ``[prefix; hybrid; voco; text]`` and the hybrid mask mode."""
+    """Token counts of ``[prefix; hybrid; voco; text]``, the hybrid mask mode and whether
+    the text rows see the prefix (False: VoCo-LLaMA's and HTC-VLM's mask)."""
 
     n_prefix: int
     n_hybrid: int
     n_voco: int
     n_text: int
     hybrid: str = "isolated"
+    text_sees_prefix: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_prefix", "n_hybrid", "n_voco", "n_text"):
@@ -45,6 +50,8 @@ class VocoLayout:
                 raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
         if self.hybrid not in HYBRID_MODES:
             raise ValueError(f"hybrid must be one of {HYBRID_MODES}, got {self.hybrid!r}")
+        if not isinstance(self.text_sees_prefix, bool):
+            raise ValueError(f"text_sees_prefix must be a bool, got {self.text_sees_prefix!r}")
 
     @property
     def length(self) -> int:
@@ -74,7 +81,8 @@ class VocoLayout:
         if self.n_voco:
             out.append((h, v, ((0, h),), (h, v)))
         if self.n_text:
-            out.append((v, t, ((0, p), (h, v)), (v, t)))
+            full = ((0, p), (h, v)) if self.text_sees_prefix else ((h, v),)
+            out.append((v, t, full, (v, t)))
         return out
 
 
@@ -94,7 +102,7 @@ def _visible(layout: VocoLayout, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         (q_prefix & k_prefix & causal)
         | hybrid_rows
         | (q_voco & (k_prefix | k_hybrid | (k_voco & causal)))
-        | (q_text & (k_prefix | k_voco | (k_text & causal)))
+        | (q_text & ((k_prefix & layout.text_sees_prefix) | k_voco | (k_text & causal)))
     )
 
 
@@ -105,9 +113,10 @@ def voco_mask(
     n_text: int,
     hybrid: str = "isolated",
     device: torch.device | str | None = None,
+    text_sees_prefix: bool = False,
 ) -> Tensor:
     """Dense boolean mask ``(L, L)``, True where a query row may attend to a key."""
-    layout = VocoLayout(n_prefix, n_hybrid, n_voco, n_text, hybrid)
+    layout = VocoLayout(n_prefix, n_hybrid, n_voco, n_text, hybrid, text_sees_prefix)
     idx = torch.arange(layout.length, device=device)
     return _visible(layout, idx[:, None], idx[None, :])
 
@@ -132,6 +141,7 @@ def voco_attention_reference(
         layout.n_text,
         layout.hybrid,
         device=q.device,
+        text_sees_prefix=layout.text_sees_prefix,
     )
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
@@ -236,6 +246,7 @@ def voco_attention(
         layout.n_voco,
         layout.n_text,
         layout.hybrid,
+        layout.text_sees_prefix,
         float(scale),
         backend or "",
     )
@@ -251,10 +262,11 @@ def _voco_attention_op(
     n_voco: int,
     n_text: int,
     hybrid: str,
+    text_sees_prefix: bool,
     scale: float,
     backend: str,
 ) -> Tensor:
-    layout = VocoLayout(n_prefix, n_hybrid, n_voco, n_text, hybrid)
+    layout = VocoLayout(n_prefix, n_hybrid, n_voco, n_text, hybrid, text_sees_prefix)
     heads = q.shape[1]
     check_finite("q", q)
     name = select_backend(q.device, backend, op="voco_attention")
@@ -282,17 +294,18 @@ def _voco_attention_op(
 
 
 @_voco_attention_op.register_fake
-def _(q, k, v, n_prefix, n_hybrid, n_voco, n_text, hybrid, scale, backend):
+def _(q, k, v, n_prefix, n_hybrid, n_voco, n_text, hybrid, text_sees_prefix, scale, backend):
     return q.new_empty(q.shape)
 
 
 def compact_kv_cache(
     k_cache: Tensor, v_cache: Tensor, layout: VocoLayout
 ) -> tuple[Tensor, Tensor, VocoLayout]:
-    """Drop the hybrid entries after prefill: ``(B, H_kv, L, D)`` caches ->
-    ``(B, H_kv, n_prefix + n_voco + n_text, D)`` and the layout without hybrids. Text
-    (and later decoded tokens) never read hybrid keys, so attention over the compacted
-    cache is plain causal attention with the same results."""
+    """Drop what the text never reads after prefill: ``(B, H_kv, L, D)`` caches ->
+    ``(B, H_kv, n_voco + n_text, D)`` (``n_prefix + n_voco + n_text`` when
+    ``layout.text_sees_prefix``) and the layout of what is kept. Text (and later decoded
+    tokens) never read hybrid keys, so attention over the compacted cache is plain causal
+    attention with the same results."""
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
     if k_cache.shape != v_cache.shape or k_cache.shape[2] != layout.length:
@@ -300,10 +313,13 @@ def compact_kv_cache(
             f"caches must both be (B, H_kv, L={layout.length}, D), got "
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
+    kept_prefix = layout.n_prefix if layout.text_sees_prefix else 0
     keep = torch.cat(
-        [torch.arange(0, layout.n_prefix), torch.arange(layout.voco_start, layout.length)]
+        [torch.arange(0, kept_prefix), torch.arange(layout.voco_start, layout.length)]
     ).to(k_cache.device)
-    compacted = VocoLayout(layout.n_prefix, 0, layout.n_voco, layout.n_text, layout.hybrid)
+    compacted = VocoLayout(
+        kept_prefix, 0, layout.n_voco, layout.n_text, layout.hybrid, layout.text_sees_prefix
+    )
     return (
         k_cache.index_select(2, keep).contiguous(),
         v_cache.index_select(2, keep).contiguous(),

@@ -39,11 +39,13 @@ def assemble_hybrid_sequence(
     prefix: Tensor | None = None,
     text: Tensor | None = None,
     hybrid: str = "isolated",
+    text_sees_prefix: bool = False,
 ) -> tuple[Tensor, VocoLayout]:
     """``[prefix; anchors; patches; voco; text]`` along the sequence and its layout.
 
     anchors ``(B, A, D)``, patches ``(B, N, D)``, voco ``(n_voco, D)`` (a learned token,
-    shared) or ``(B, n_voco, D)``, prefix / text ``(B, *, D)`` or None."""
+    shared) or ``(B, n_voco, D)``, prefix / text ``(B, *, D)`` or None. The text sees the
+    prefix only with ``text_sees_prefix=True`` (VoCo-LLaMA and HTC-VLM: it does not)."""
     batch, _, width = anchors.shape
     if patches.shape[0] != batch or patches.shape[2] != width:
         raise ValueError(f"patches must be (B={batch}, N, {width}), got {tuple(patches.shape)}")
@@ -59,5 +61,6 @@ def assemble_hybrid_sequence(
         voco.shape[1],
         0 if text is None else text.shape[1],
         hybrid,
+        text_sees_prefix,
     )
     return torch.cat(parts, dim=1), layout
