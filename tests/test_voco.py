@@ -239,7 +239,9 @@ def test_opcheck_and_compile():
     voco = importlib.import_module("fastcompress.voco")
     layout = VocoLayout(1, 9, 1, 4)
     q, k, v = (torch.randn(1, 2, layout.length, 16) for _ in range(3))
-    torch.library.opcheck(voco._voco_attention_op, (q, k, v, 1, 9, 1, 4, "isolated", False, 0.25, "cpu"))
+    torch.library.opcheck(
+        voco._voco_attention_op, (q, k, v, 1, 9, 1, 4, "isolated", False, 0.25, "cpu")
+    )
     torch._dynamo.reset()
     fn = torch.compile(
         lambda q, k, v: fc.voco_attention(q, k, v, layout) * 2, fullgraph=True, backend="aot_eager"
