@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastcompress._autocast import (
+    float32_under_autocast,
+    register_float32_autocast,
+    without_autocast,
+)
 from fastcompress._backend import select_backend, shape_fallback
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
 from fastcompress.reference.compress import (
@@ -177,6 +182,7 @@ def _meta_context_pool_impl(
 _LIB.impl("meta_context_pool", _meta_context_pool_impl, "CPU")
 _LIB.impl("meta_context_pool", _meta_context_pool_impl, "CUDA")
 _meta_context_pool_op = torch.ops.fastcompress.meta_context_pool.default
+register_float32_autocast(_LIB, "meta_context_pool")
 
 
 @torch.library.register_fake("fastcompress::meta_context_pool")
@@ -195,6 +201,7 @@ def _context_pool_setup(ctx, inputs, output):
     ctx.geometry = (grid_h, grid_w, stride)
 
 
+@without_autocast
 def _context_pool_backward(ctx, grad_context, grad_pooled):
     # Attention backward with K = V = X and only M = N_g * heads queries: the (B, M, T)
     # probabilities are recomputed (small), never a T x T or T x d*d intermediate.
@@ -229,6 +236,7 @@ torch.library.register_autograd(
 # ------------------------------------------------------------------------- public API
 
 
+@float32_under_autocast
 def pool_compress(x: Tensor, grid: tuple[int, int], stride: int) -> Tensor:
     """Non-overlapping ``s x s`` average over a row-major ``H x W`` token grid.
 
@@ -237,6 +245,7 @@ def pool_compress(x: Tensor, grid: tuple[int, int], stride: int) -> Tensor:
     return pool_compress_reference(x, tuple(grid), stride)
 
 
+@float32_under_autocast
 def meta_token_attention(
     x: Tensor,
     queries: Tensor,
@@ -257,6 +266,7 @@ def meta_token_attention(
     return _attend(x, weights, (0, 0), 0, backend)[0]
 
 
+@float32_under_autocast
 def compress(
     x: Tensor,
     grid: tuple[int, int],

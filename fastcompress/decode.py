@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastcompress._autocast import autocast_enabled, register_float32_autocast, to_float32
 from fastcompress._backend import BackendUnavailableError, select_backend, shape_fallback
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
 
@@ -202,6 +203,15 @@ _LIB.impl("decode_attention", _decode_attention_impl, "CUDA")
 _decode_attention_op = torch.ops.fastcompress.decode_attention.default
 
 
+def _float32_except_caches(args: tuple) -> tuple:
+    # The caches are written in place: a float32 copy would lose the write.
+    q, k_cache, v_cache, k, v, *rest = args
+    return (to_float32(q), k_cache, v_cache, to_float32(k), to_float32(v), *rest)
+
+
+register_float32_autocast(_LIB, "decode_attention", _float32_except_caches)
+
+
 @torch.library.register_fake("fastcompress::decode_attention")
 def _(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, num_splits, backend):
     batch, sq, heads, _ = q.shape
@@ -231,8 +241,21 @@ def decode_attention(
     New ``k``/``v`` ``(B, Sn, H_kv, D)`` are written into the caches in place at
     ``cache_seqlens`` (default 0); then each sample attends to its first
     ``cache_seqlens + Sn`` cache entries. Returns ``out (B, Sq, H, D)`` in q.dtype and,
-    with ``return_softmax_lse``, ``lse (B, H, Sq)`` float32 (natural log).
+    with ``return_softmax_lse``, ``lse (B, H, Sq)`` float32 (natural log). Under
+    ``torch.autocast`` a half-precision ``q`` (and ``k``, ``v``) is cast to float32
+    first; the caches keep their dtype.
     """
+    if autocast_enabled(q.device.type) if isinstance(q, Tensor) else False:
+        with torch.autocast(q.device.type, enabled=False):
+            return decode_attention(
+                *_float32_except_caches((q, k_cache, v_cache, k, v)),
+                cache_seqlens=cache_seqlens,
+                softmax_scale=softmax_scale,
+                causal=causal,
+                num_splits=num_splits,
+                return_softmax_lse=return_softmax_lse,
+                backend=backend,
+            )
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)

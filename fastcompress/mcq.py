@@ -16,6 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastcompress._autocast import (
+    float32_under_autocast,
+    register_float32_autocast,
+    without_autocast,
+)
 from fastcompress._backend import select_backend
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
 from fastcompress.reference.mcq import (
@@ -162,6 +167,7 @@ def _quantize_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[3])
 
 
+@without_autocast
 def _quantize_backward(ctx, grad_z_q, _grad_idx, grad_loss, _grad_counts):
     z, codebooks, idx = ctx.saved_tensors
     if grad_z_q is None:
@@ -262,6 +268,7 @@ def _entropy_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+@without_autocast
 def _entropy_backward(ctx, grad_loss, _grad_avg):
     chunks, book, avg = ctx.saved_tensors
     n, groups, _ = chunks.shape
@@ -292,6 +299,10 @@ def _entropy_backward(ctx, grad_loss, _grad_avg):
 
 
 _mcq_entropy_op.register_autograd(_entropy_backward, setup_context=_entropy_setup_context)
+
+_LIB = torch.library.Library("fastcompress", "FRAGMENT")
+for _name in ("mcq_search", "mcq_quantize", "mcq_entropy_loss"):
+    register_float32_autocast(_LIB, _name)
 
 
 # ------------------------------------------------------------------------- public API
@@ -351,6 +362,7 @@ def _index_shape(z: Tensor, channel_dim: int, groups: int) -> list[int]:
     return [s for i, s in enumerate(z.shape) if i != channel_dim] + [groups]
 
 
+@float32_under_autocast
 def mcq_quantize(
     z: Tensor,
     codebooks: Tensor | Sequence[Tensor],
@@ -414,6 +426,7 @@ def mcq_quantize(
     )
 
 
+@float32_under_autocast
 def mcq_search(
     z: Tensor,
     codebooks: Tensor | Sequence[Tensor],
@@ -430,6 +443,7 @@ def mcq_search(
     return idx.reshape(_index_shape(z, channel_dim, books.shape[0]))
 
 
+@float32_under_autocast
 def mcq_dequantize(
     indices: Tensor,
     codebooks: Tensor | Sequence[Tensor],

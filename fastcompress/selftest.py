@@ -166,13 +166,41 @@ def check_generate(backend: str, device: torch.device) -> dict:
     return out
 
 
+def check_autocast(backend: str, device: torch.device) -> dict:
+    """Inside ``torch.autocast(<device>, bfloat16)`` the ops give the float32 numbers."""
+    torch.manual_seed(5)
+    out = {}
+    z0 = torch.randn(4, 75, 64, device=device)
+    books0 = torch.randn(8, 130, 8, device=device)
+    weights = _mha(48, 4, 3, device)
+    x0 = torch.randn(2, 96, 48, device=device)
+    runs = {}
+    for autocast in (False, True):
+        z, books = z0.clone().requires_grad_(), books0.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            q = fc.mcq_quantize(z, books, entropy_temp=0.01, backend=backend)
+            meta, pooled = fc.compress(x0, (8, 12), 2, *weights, backend=backend)
+        loss = q.vq_loss + q.entropy_loss + q.z_q.sum()
+        runs[autocast] = (q.indices, q.z_q, q.entropy_loss, *torch.autograd.grad(loss, books),
+                          meta, pooled)  # fmt: skip
+    got, want = runs[True], runs[False]
+    if not torch.equal(got[0], want[0]):
+        raise AssertionError("autocast: mcq indices differ from the float32 run")
+    for label, g, w in zip(("z_q", "entropy_loss", "grad codebooks", "meta", "pooled"), got[1:],
+                           want[1:], strict=True):  # fmt: skip
+        if g.dtype != torch.float32:
+            raise AssertionError(f"autocast: {label} is {g.dtype}, not float32")
+        out[label] = _close(f"autocast {label}", g, w, atol=1e-5, rtol=1e-5)
+    return out
+
+
 PROBES = {
     "mcq": check_mcq,
     "compress": check_compress,
     "decode_attention": check_decode_attention,
     "voco": check_voco,
 }
-CHECKS = {**PROBES, "generate": check_generate}
+CHECKS = {**PROBES, "generate": check_generate, "autocast": check_autocast}
 
 
 def backends_for(device: torch.device) -> list[str]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastcompress._autocast import float32_under_autocast, register_float32_autocast
 from fastcompress._backend import BackendUnavailableError, select_backend
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_tensor
 
@@ -203,6 +204,7 @@ def _own_values(v: Tensor, heads: int, rows: tuple[int, int]) -> Tensor:
     return own.repeat_interleave(heads // v.shape[1], dim=1) if heads != v.shape[1] else own
 
 
+@float32_under_autocast
 def voco_attention(
     q: Tensor,
     k: Tensor,
@@ -291,6 +293,10 @@ def _voco_attention_op(
     for r0, r1, full, causal in layout.regions():
         out[:, :, r0:r1] = _segment_attention_torch(q, k, v, (r0, r1), full, causal, scale)
     return out
+
+
+_LIB = torch.library.Library("fastcompress", "FRAGMENT")  # kept: a dropped Library unregisters
+register_float32_autocast(_LIB, "voco_attention")
 
 
 @_voco_attention_op.register_fake
