@@ -7,6 +7,7 @@ from fastcompress.nn.compress import (
     UniCompressor,
 )
 from fastcompress.nn.decoder import ARDecompressor, DecoderBlock
+from fastcompress.nn.grouped import GroupedQuantizer
 from fastcompress.nn.mcq import CodebookEntry, MultiCodebookQuantizer
 from fastcompress.nn.voco import HybridAnchorProjector, assemble_hybrid_sequence
 
@@ -16,6 +17,7 @@ __all__ = [
     "CodebookEntry",
     "CompressedTokens",
     "GlobalTokenExtractor",
+    "GroupedQuantizer",
     "HybridAnchorProjector",
     "MultiCodebookQuantizer",
     "PoolingCompressor",
