@@ -86,6 +86,29 @@ def test_index_layout_round_trip():
         ours.idx_to_f(idx[:, :4])
 
 
+def test_codebook_entries_look_up_unit_rows_like_unitoks_normalized_embedding():
+    unitok, ours = _pair()
+    idx = torch.randint(0, 96, (5, 7))
+    for i in (0, 5):
+        entry = ours.codebooks[i].codebook
+        weight = unitok.codebooks[i].codebook.weight
+        unit = weight / weight.norm(dim=1, keepdim=True)  # UniTok: F.normalize(weight, dim=1)
+        torch.testing.assert_close(entry.get_norm_weight(), unit, atol=1e-7, rtol=1e-6)
+        looked_up = entry(idx)
+        assert looked_up.shape == (5, 7, 8)
+        torch.testing.assert_close(looked_up, unit[idx], atol=1e-7, rtol=1e-6)
+        grad = torch.autograd.grad(looked_up.sum(), entry.weight)[0]
+        want = torch.autograd.grad(unit[idx].sum(), weight)[0]
+        torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5)  # through the norm
+    # idx_to_f is each entry's lookup, concatenated.
+    flat = torch.randint(0, 96, (2, 8, 6))
+    parts = [ours.codebooks[g].codebook(flat[:, g]) for g in range(8)]
+    torch.testing.assert_close(ours.idx_to_f(flat), torch.cat(parts, -1), atol=0, rtol=0)
+    plain = MultiCodebookQuantizer(**CONFIG, normalize=False)
+    raw = plain.codebooks[0].codebook
+    assert torch.equal(raw(idx), raw.weight[idx])  # L2 codebooks return the raw rows
+
+
 def test_constructor_rejects_indivisible():
     with pytest.raises(ValueError, match="divisible by num_codebooks=8"):
         MultiCodebookQuantizer(100, 64, num_codebooks=8)

@@ -8,7 +8,7 @@ from fastcompress.nn.compress import (
 )
 from fastcompress.nn.decoder import ARDecompressor, DecoderBlock
 from fastcompress.nn.grouped import GroupedQuantizer
-from fastcompress.nn.mcq import CodebookEntry, MultiCodebookQuantizer
+from fastcompress.nn.mcq import CodebookEntry, MultiCodebookQuantizer, NormalizedEmbedding
 from fastcompress.nn.voco import HybridAnchorProjector, assemble_hybrid_sequence
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "GroupedQuantizer",
     "HybridAnchorProjector",
     "MultiCodebookQuantizer",
+    "NormalizedEmbedding",
     "PoolingCompressor",
     "UniCompressor",
     "assemble_hybrid_sequence",

@@ -4,18 +4,38 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcompress.mcq import MCQOutput, mcq_dequantize, mcq_quantize, mcq_search
 
 
+class NormalizedEmbedding(nn.Embedding):
+    """UniTok's ``NormalizedEmbedding``: ``weight (K, d)`` is stored raw, every lookup
+    returns unit rows. ``forward(idx (...)) -> (..., d)``; ``normalize=False`` (a plain
+    L2 quantizer) returns the raw rows, like ``nn.Embedding``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, normalize: bool = True) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        self.normalize = normalize
+
+    def get_norm_weight(self) -> Tensor:
+        """``(K, d)``: the rows the search compares against (unit rows when normalizing)."""
+        return F.normalize(self.weight, dim=1) if self.normalize else self.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return F.embedding(idx, self.get_norm_weight())
+
+
 class CodebookEntry(nn.Module):
     """One sub-codebook, laid out like UniTok's ``VectorQuantizer`` so state dicts load:
-    ``codebook.weight (K, d)`` and the buffer ``vocab_usage (K,)``."""
+    ``codebook.weight (K, d)`` (a :class:`NormalizedEmbedding`: ``codebook(idx)`` and
+    ``codebook.get_norm_weight()`` give unit rows, as UniTok's) and the buffer
+    ``vocab_usage (K,)``."""
 
-    def __init__(self, vocab_size: int, vocab_width: int) -> None:
+    def __init__(self, vocab_size: int, vocab_width: int, normalize: bool = True) -> None:
         super().__init__()
-        self.codebook = nn.Embedding(vocab_size, vocab_width)
+        self.codebook = NormalizedEmbedding(vocab_size, vocab_width, normalize)
         self.register_buffer("vocab_usage", torch.zeros(vocab_size))
         self.vocab_usage_record_times: int = 0
 
@@ -83,7 +103,7 @@ class MultiCodebookQuantizer(nn.Module):
         self.normalize = normalize
         self.backend = backend
         self.codebooks = nn.ModuleList(
-            CodebookEntry(vocab_size // num_codebooks, vocab_width // num_codebooks)
+            CodebookEntry(vocab_size // num_codebooks, vocab_width // num_codebooks, normalize)
             for _ in range(num_codebooks)
         )
 
