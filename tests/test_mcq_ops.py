@@ -10,7 +10,14 @@ from fastcompress.reference import mcq_quantize_reference, mcq_search_reference
 
 BACKENDS = ["reference", "cpu"] + (["triton"] if triton_available() else [])
 # (N, G, K, d): UniTok-like and MGVQ-like, odd N, K not a multiple of 16, generic d.
-SHAPES = [(37, 8, 64, 8), (101, 8, 100, 4), (64, 4, 33, 8), (29, 2, 17, 3), (16, 2, 48, 16)]
+SHAPES = [
+    (37, 8, 64, 8),
+    (101, 8, 100, 4),
+    (64, 4, 33, 8),
+    (45, 3, 77, 8),
+    (29, 2, 17, 3),
+    (16, 2, 48, 16),
+]
 
 
 def _run(backend, fn, *args, **kw):
