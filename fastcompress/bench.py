@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import fastcompress as fc
 from fastcompress._backend import available_backends
+from fastcompress._parity import code_parity
 from fastcompress.reference import mcq_quantize_reference, mcq_search_reference
 
 MCQ_CONFIGS = {
@@ -212,19 +213,12 @@ def mcq_search_impls(z: torch.Tensor, books: torch.Tensor, peers: str = "faiss")
 
 
 def index_parity(idx: torch.Tensor, ref: torch.Tensor, z: torch.Tensor, books: torch.Tensor) -> str:
-    """'exact', or 'N near-ties (gap g)' when differing codes score within 1e-5, else FAIL."""
-    idx = idx.reshape(ref.shape).to(ref.device)
-    differ = idx != ref
-    count = int(differ.sum())
-    if count == 0:
-        return "exact"
-    groups, _, dim = books.shape
-    chunks = F.normalize(z.double().reshape(-1, groups, dim), dim=-1)
-    unit = F.normalize(books.double(), dim=-1)
-    rows = torch.arange(groups, device=books.device)
-    gap = ((chunks * unit[rows, ref]).sum(-1) - (chunks * unit[rows, idx]).sum(-1))[differ]
-    worst = float(gap.abs().max())
-    return f"{count} near-ties ({worst:.0e})" if worst <= 1e-5 else f"FAIL {count} ({worst:.1e})"
+    """'exact', 'N near-ties (gap)', or 'FAIL ...' under the near-tie rule of
+    :mod:`fastcompress._parity` (cosine scores, as every benchmarked search is)."""
+    result = code_parity(z, books, idx, ref, normalize=True)
+    if result.failure is not None:
+        return f"FAIL {result.failure}"
+    return "exact" if result.differ == 0 else f"{result.differ} near-ties ({result.gap:.0e})"
 
 
 def bench_mcq_search(

@@ -14,9 +14,9 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 import fastcompress as fc
+from fastcompress._parity import code_parity
 
 # Errors allowed against the reference (float32 inputs).
 ATOL, RTOL = 2e-5, 1e-4
@@ -31,25 +31,11 @@ def _close(name: str, got, want, atol=ATOL, rtol=RTOL) -> float:
 
 
 def _codes_agree(z, books, idx, ref_idx, normalize) -> int:
-    """Indices equal except at near-ties (score gap <= 1e-5); returns how many differ."""
-    groups, _, dim = books.shape
-    differ = idx != ref_idx
-    if not differ.any():
-        return 0
-    chunks = z.double().reshape(-1, groups, dim)
-    book = books.double()
-    if normalize:
-        chunks, book = F.normalize(chunks, dim=-1), F.normalize(book, dim=-1)
-    rows = torch.arange(groups, device=z.device)
-
-    def score(i):
-        picked = book[rows, i]
-        return (chunks * picked).sum(-1) if normalize else -(chunks - picked).square().sum(-1)
-
-    gap = float((score(ref_idx) - score(idx))[differ].abs().max())
-    if gap > 1e-5 or differ.float().mean() > 1e-3:
-        raise AssertionError(f"mcq: {int(differ.sum())} indices differ, score gap {gap:.3g}")
-    return int(differ.sum())
+    """Indices equal except at near-ties (the rule of ``_parity``); returns how many differ."""
+    result = code_parity(z, books, idx, ref_idx, normalize)
+    if result.failure is not None:
+        raise AssertionError(f"mcq: {result.failure}")
+    return result.differ
 
 
 def check_mcq(backend: str, device: torch.device) -> dict:

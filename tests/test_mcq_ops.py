@@ -193,3 +193,24 @@ def test_empty_batch(backend):
     assert out.vq_loss.item() == 0.0 and out.usage_counts.sum() == 0
     (out.z_q.sum() + out.vq_loss).backward()
     assert books.grad is not None and books.grad.abs().sum() == 0
+
+
+def test_near_tie_rule_accepts_ties_and_rejects_wrong_codes():
+    from fastcompress import _parity, bench
+
+    z, books = exact_tie_problem(2000, 2, 20, 8, 2, normalize=True, interleave=False)
+    ref = mcq_search_reference(z, books)
+    assert _parity.code_parity(z, books, ref, ref, True) == (0, 0.0, None)
+    # The twin of a chosen code scores the same: a tie, accepted while rare.
+    twin = ref.clone()
+    twin[0, 0] = (ref[0, 0] + 20) % 40  # rows k and k + 20 are copies
+    assert torch.equal(books[0, twin[0, 0]], books[0, ref[0, 0]])
+    assert _parity.code_parity(z, books, twin, ref, True).failure is None
+    assert bench.index_parity(twin, ref, z, books).startswith("1 near-ties")
+    many = ref.clone()
+    many[:, 0] = (ref[:, 0] + 20) % 40  # every row of group 0 "differs": too many
+    assert "too many" in _parity.code_parity(z, books, many, ref, True).failure
+    wrong = ref.clone()
+    wrong[0, 0] = (ref[0, 0] + 1) % 20  # another row: a real score gap
+    assert "score gap" in _parity.code_parity(z, books, wrong, ref, True).failure
+    assert bench.index_parity(wrong, ref, z, books).startswith("FAIL")
