@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcompress._autocast import float32_under_autocast
 from fastcompress.mcq import mcq_search
 
 USAGE_WINDOW = 65536  # MGVQ's codebook_used: the last 65536 indices of each group
@@ -88,6 +89,7 @@ class GroupedQuantizer(nn.Module):
         """``(G, n_e / G, e_dim)`` view of the embedding (carries its gradient)."""
         return self.embedding.weight.view(self.groups, self.n_e_group, self.e_dim)
 
+    @float32_under_autocast  # the re-seeding scores too: float32 inside autocast
     def forward(self, z_groups: Tensor):
         batch, channels, height, width = z_groups.shape
         if channels != self.groups * self.e_dim:
