@@ -204,27 +204,39 @@ def _context_pool_setup(ctx, inputs, output):
 @without_autocast
 def _context_pool_backward(ctx, grad_context, grad_pooled):
     # Attention backward with K = V = X and only M = N_g * heads queries: the (B, M, T)
-    # probabilities are recomputed (small), never a T x T or T x d*d intermediate.
+    # probabilities are recomputed (small), never a T x T or T x d*d intermediate. X-sized
+    # traffic is what costs: dX = P^T dC + dS^T F is one batched GEMM over the stacked
+    # [P; dS] (K = 2M), written once, and the pooled gradient is added in place, instead
+    # of a zero-filled dX and a temporary per term (4 extra passes over B x T x d).
     x, folded = ctx.saved_tensors
     grid_h, grid_w, stride = ctx.geometry
     batch, tokens, dim = x.shape
     xf = x.to(compute_dtype(x))
-    probs = _probabilities(xf, folded)  # (B, M, T)
-    grad_x = torch.zeros_like(xf)
-    grad_folded = torch.zeros_like(folded)
+    grad_x = None
+    grad_folded = None
     if grad_context is not None:
         grad_context = grad_context.to(xf.dtype)
-        grad_x += torch.bmm(probs.transpose(1, 2), grad_context)
+        probs = _probabilities(xf, folded)  # (B, M, T)
         grad_probs = torch.bmm(grad_context, xf.transpose(1, 2))  # (B, M, T)
         grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
-        grad_x += torch.matmul(grad_scores.transpose(1, 2), folded)
+        weights = torch.cat([probs, grad_scores], dim=1)  # (B, 2M, T)
+        values = torch.cat([grad_context, folded.expand(batch, -1, -1)], dim=1)  # (B, 2M, d)
+        grad_x = torch.bmm(weights.transpose(1, 2), values)
         grad_folded = torch.einsum("bmt,btd->md", grad_scores, xf)
     if grad_pooled is not None and stride > 0:
-        pooled_grid = grad_pooled.to(xf.dtype).view(
+        spread = (grad_pooled.to(xf.dtype) / stride**2).view(
             batch, grid_h // stride, 1, grid_w // stride, 1, dim
         )
-        spread = pooled_grid.expand(-1, -1, stride, -1, stride, -1) / stride**2
-        grad_x += spread.reshape(batch, tokens, dim)
+        if grad_x is None:
+            grad_x = spread.expand(-1, -1, stride, -1, stride, -1).reshape(batch, tokens, dim)
+        else:
+            grad_x.view(batch, grid_h // stride, stride, grid_w // stride, stride, dim).add_(
+                spread
+            )
+    if grad_x is None:
+        grad_x = torch.zeros_like(xf)
+    if grad_folded is None:
+        grad_folded = torch.zeros_like(folded)
     return grad_x.to(x.dtype), grad_folded, None, None, None, None
 
 
