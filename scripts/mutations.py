@@ -29,6 +29,49 @@ class Mutation:
 
 
 MUTATIONS = [
+    # Issue 14 (drop-in fidelity) and the v2 kernels of this session.
+    Mutation(
+        "voco-text-sees-prefix-by-default",
+        "fastcompress/voco.py",
+        "            full = ((0, p), (h, v)) if self.text_sees_prefix else ((h, v),)",
+        "            full = ((0, p), (h, v))",
+        ("tests/test_voco.py",),
+    ),
+    Mutation(
+        "autocast-entropy-in-bf16",
+        "fastcompress/mcq.py",
+        "@without_autocast\ndef _entropy_backward(",
+        "def _entropy_backward(",
+        ("tests/test_autocast.py",),
+    ),
+    Mutation(
+        "mgvq-reseed-off-the-random-stream",
+        "fastcompress/nn/grouped.py",
+        "        mask_draw = float(torch.rand(1))",
+        "        mask_draw = 0.5",
+        ("tests/test_grouped_quantizer.py",),
+    ),
+    Mutation(
+        "extractor-ignores-add-zero-attn",
+        "fastcompress/nn/compress.py",
+        "        if attn.add_zero_attn:\n            return \"add_zero_attn\"",
+        "        if False:\n            return \"add_zero_attn\"",
+        ("tests/test_extractor_fidelity.py",),
+    ),
+    Mutation(
+        "compress-backward-drops-pooled-grad",
+        "fastcompress/compress.py",
+        "stride, grid_w // stride, stride, dim).add_(",
+        "stride, grid_w // stride, stride, dim).mul_(",
+        ("tests/test_compress.py",),
+    ),
+    Mutation(
+        "mcq-interleaved-block-skips-a-code",
+        "csrc/cpu/mcq_kernels.inc",
+        "for (int64_t k = k0; k < k_end; k += NC) {",
+        "for (int64_t k = k0 + NC; k < k_end; k += NC) {",
+        ("tests/test_mcq_ops.py",),
+    ),
     Mutation(
         "pool-store-ignores-d-chunk",
         "triton_kernels/compress.py",
