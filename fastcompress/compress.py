@@ -230,9 +230,7 @@ def _context_pool_backward(ctx, grad_context, grad_pooled):
         if grad_x is None:
             grad_x = spread.expand(-1, -1, stride, -1, stride, -1).reshape(batch, tokens, dim)
         else:
-            grad_x.view(batch, grid_h // stride, stride, grid_w // stride, stride, dim).add_(
-                spread
-            )
+            grad_x.view(batch, grid_h // stride, stride, grid_w // stride, stride, dim).add_(spread)
     if grad_x is None:
         grad_x = torch.zeros_like(xf)
     if grad_folded is None:

@@ -54,8 +54,8 @@ MUTATIONS = [
     Mutation(
         "extractor-ignores-add-zero-attn",
         "fastcompress/nn/compress.py",
-        "        if attn.add_zero_attn:\n            return \"add_zero_attn\"",
-        "        if False:\n            return \"add_zero_attn\"",
+        '        if attn.add_zero_attn:\n            return "add_zero_attn"',
+        '        if False:\n            return "add_zero_attn"',
         ("tests/test_extractor_fidelity.py",),
     ),
     Mutation(
