@@ -68,8 +68,8 @@ MUTATIONS = [
     Mutation(
         "mcq-interleaved-block-skips-a-code",
         "csrc/cpu/mcq_kernels.inc",
-        "for (int64_t k = k0; k < k_end; k += NC) {",
-        "for (int64_t k = k0 + NC; k < k_end; k += NC) {",
+        "for (; k + NC <= k_end; k += NC)",
+        "for (k += NC; k + NC <= k_end; k += NC)",
         ("tests/test_mcq_ops.py",),
     ),
     Mutation(
