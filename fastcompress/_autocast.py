@@ -18,6 +18,7 @@ kernel.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -53,17 +54,29 @@ def _device_type(args: tuple, kwargs: dict) -> str | None:
     return None
 
 
-def float32_under_autocast(fn: Callable) -> Callable:
+def float32_under_autocast(fn: Callable | None = None, *, keep: tuple[str, ...] = ()):
     """Decorator for a public functional: inside an autocast region of its inputs' device
-    it runs on float32 inputs with autocast off; outside, it is called unchanged."""
+    it runs on float32 inputs with autocast off; outside, it is called unchanged. The
+    arguments named in ``keep`` (tensors written in place) are passed as they are."""
+    if fn is None:
+        return functools.partial(float32_under_autocast, keep=keep)
+    signature = inspect.signature(fn) if keep else None
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device_type = _device_type(args, kwargs)
         if device_type is None or not autocast_enabled(device_type):
             return fn(*args, **kwargs)
+        if signature is not None:
+            bound = signature.bind(*args, **kwargs)
+            for name, value in bound.arguments.items():
+                if name not in keep:
+                    bound.arguments[name] = to_float32(value)
+            args, kwargs = bound.args, bound.kwargs
+        else:
+            args, kwargs = to_float32(args), {k: to_float32(v) for k, v in kwargs.items()}
         with torch.autocast(device_type, enabled=False):
-            return fn(*to_float32(args), **{k: to_float32(v) for k, v in kwargs.items()})
+            return fn(*args, **kwargs)
 
     return wrapper
 

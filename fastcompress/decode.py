@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastcompress._autocast import autocast_enabled, register_float32_autocast, to_float32
+from fastcompress._autocast import float32_under_autocast, register_float32_autocast, to_float32
 from fastcompress._backend import BackendUnavailableError, select_backend, shape_fallback
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
 
@@ -223,6 +223,7 @@ def _auto_splits(batch: int, kv_heads: int, s_max: int, target_programs: int = 2
     return max(1, min(target_programs // max(batch * kv_heads, 1), s_max // 256, 32))
 
 
+@float32_under_autocast(keep=("k_cache", "v_cache"))
 def decode_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -245,17 +246,6 @@ def decode_attention(
     ``torch.autocast`` a half-precision ``q`` (and ``k``, ``v``) is cast to float32
     first; the caches keep their dtype.
     """
-    if autocast_enabled(q.device.type) if isinstance(q, Tensor) else False:
-        with torch.autocast(q.device.type, enabled=False):
-            return decode_attention(
-                *_float32_except_caches((q, k_cache, v_cache, k, v)),
-                cache_seqlens=cache_seqlens,
-                softmax_scale=softmax_scale,
-                causal=causal,
-                num_splits=num_splits,
-                return_softmax_lse=return_softmax_lse,
-                backend=backend,
-            )
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)

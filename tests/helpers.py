@@ -17,7 +17,6 @@ TOLERANCE = {
 # The near-tie rule of index comparisons lives in the package (tests, benchmarks and the
 # selftest share it).
 NEAR_TIE = parity.NEAR_TIE
-chosen_scores = parity.chosen_scores
 
 
 def make_problem(n, groups, vocab, dim, dtype=torch.float32, seed=0, device="cpu"):

@@ -188,3 +188,25 @@ def test_cuda_autocast_matches_float32():
     assert torch.equal(got.indices, want.indices)
     torch.testing.assert_close(got.entropy_loss, want.entropy_loss, **EXACT)
     torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("direct_op", [False, True])
+def test_half_caches_keep_their_dtype_and_the_write(direct_op):
+    caches = [torch.randn(2, 12, 2, 16).bfloat16() for _ in range(2)]
+    q1 = torch.randn(2, 1, 4, 16).bfloat16()
+    k1, v1 = torch.randn(2, 1, 2, 16).bfloat16(), torch.randn(2, 1, 2, 16).bfloat16()
+    want_caches = [c.clone() for c in caches]
+    want = fc.decode_attention(q1.float(), *want_caches, k1, v1, cache_seqlens=5)
+    with _autocast():
+        if direct_op:
+            lengths = torch.full((2,), 5, dtype=torch.int32)
+            got = torch.ops.fastcompress.decode_attention(
+                q1, *caches, k1, v1, lengths, 0.25, False, 0, ""
+            )[0]
+        else:
+            got = fc.decode_attention(q1, *caches, k1, v1, cache_seqlens=5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, **EXACT)
+    for cache, want_cache in zip(caches, want_caches, strict=True):
+        assert cache.dtype == torch.bfloat16 and torch.equal(cache, want_cache)
+    assert torch.equal(caches[0][:, 5], k1[:, 0])  # the new key landed in place
