@@ -33,8 +33,18 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(base)
 
 
+def avx512_emulation_requested() -> bool:
+    """FASTCOMPRESS_EMULATE_AVX512=1: a test build (its own cache folder) whose avx512
+    level is the AVX-512 kernels' code (16 lanes, 32-register blocking) compiled for AVX2,
+    so that the parity tests exercise that level on a CPU without AVX-512. Never faster."""
+    return os.environ.get("FASTCOMPRESS_EMULATE_AVX512", "0") == "1"
+
+
 def jit_flags() -> list[str]:
-    return list(_build.CPU_CFLAGS)
+    flags = list(_build.CPU_CFLAGS)
+    if avx512_emulation_requested():
+        flags.append("-DFC_EMULATE_AVX512")
+    return flags
 
 
 def jit_build_dir() -> pathlib.Path:
@@ -42,6 +52,8 @@ def jit_build_dir() -> pathlib.Path:
 
 
 def _prebuilt_cpu_library() -> str | None:
+    if avx512_emulation_requested():
+        return None  # the ahead-of-time build is never the emulating one
     spec = importlib.util.find_spec("fastcompress._C_cpu")
     if spec is None or spec.origin is None:
         return None
@@ -125,6 +137,12 @@ def supported_cpu_isas() -> list[str]:
     load_cpu_extension()
     best = int(torch.ops.fastcompress_cpu.max_isa_level())
     return [_ISA_NAMES[level] for level in range(best, 0, -1)]
+
+
+def avx512_emulated() -> bool:
+    """Whether the loaded library's avx512 level is the emulation on AVX2 (a test build)."""
+    load_cpu_extension()
+    return bool(torch.ops.fastcompress_cpu.avx512_emulated())
 
 
 def cpu_isa() -> str:

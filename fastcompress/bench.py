@@ -328,6 +328,8 @@ def machine_info() -> dict:
         if _ext.load_cpu_extension(raise_on_error=False):
             info["cpu_isa"] = _ext.cpu_isa()
             info["cpu_isa_supported"] = _ext.supported_cpu_isas()
+            if _ext.avx512_emulated():
+                info["cpu_isa_note"] = "avx512 level emulated on AVX2 (test build)"
         else:
             info["cpu_isa"] = f"no C++ extension ({_ext.cpu_error()[:200]})"
     except ValueError as exc:  # a bad FASTCOMPRESS_CPU_ISA

@@ -26,9 +26,23 @@ class Mutation:
     old: str
     new: str
     tests: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for the test run
 
+
+# The C++ tests at the avx512 level on any CPU with AVX2 (see .ci/run).
+AVX512_LEVEL = (("FASTCOMPRESS_EMULATE_AVX512", "1"), ("FASTCOMPRESS_TEST_CPU_ISAS", "avx512"))
 
 MUTATIONS = [
+    # Issue 12: a bug only the 32-register blocking reaches (8 row vectors at D = 2: the
+    # avx512 level and NEON); the avx2 and baseline runs pass with it (checked).
+    Mutation(
+        "wide-block-loads-wrong-row-vector",
+        "csrc/cpu/mcq_kernels.inc",
+        "z[v][j] = loadv(chunks_t + j * RV * kLanes + v * kLanes);",
+        "z[v][j] = loadv(chunks_t + j * RV * kLanes + (v % 4) * kLanes);",
+        ("tests/test_mcq_ops.py", "tests/test_review_blind_spots.py"),
+        AVX512_LEVEL,
+    ),
     # Issue 14 (drop-in fidelity) and the v2 kernels of this session.
     Mutation(
         "voco-text-sees-prefix-by-default",
@@ -164,7 +178,7 @@ def run(mutation: Mutation) -> str:
             cwd=ROOT,
             capture_output=True,
             text=True,
-            env={**os.environ, "TRITON_INTERPRET": "1"},
+            env={**os.environ, "TRITON_INTERPRET": "1", **dict(mutation.env)},
         )
     finally:
         path.write_text(original)

@@ -30,17 +30,35 @@ def _seed():
 # (an AVX-512 machine runs avx512, avx2 and baseline; an AVX2 one avx2 and baseline):
 # tests parametrized by `backend` (their 'cpu' cases), and the modules marked
 # `cpu_kernels` (all their tests). Other cases run at the best level only.
+# FASTCOMPRESS_TEST_CPU_ISAS=avx512 (a comma list) runs only the C++ tests, at only those
+# levels: .ci/run uses it for the emulated AVX-512 pass (FASTCOMPRESS_EMULATE_AVX512=1),
+# after the other levels have run.
 
 
-def _cpu_isas() -> list[str]:
+def _cpu_isas() -> tuple[list[str], list[str]]:
+    """(the levels to test, every level this build and CPU support), best first."""
     from fastcompress import _ext
 
     if not _ext.load_cpu_extension(raise_on_error=False):
-        return []
-    return _ext.supported_cpu_isas()
+        return [], []
+    supported = _ext.supported_cpu_isas()
+    wanted = [name for name in os.environ.get("FASTCOMPRESS_TEST_CPU_ISAS", "").split(",") if name]
+    if not wanted:
+        return supported, supported
+    unknown = [name for name in wanted if name not in supported]
+    if unknown:
+        raise pytest.UsageError(
+            f"FASTCOMPRESS_TEST_CPU_ISAS names {unknown}, which this build and CPU lack "
+            f"(supported: {supported})"
+        )
+    return [name for name in supported if name in wanted], supported
 
 
-CPU_ISAS = _cpu_isas()
+CPU_ISAS, _SUPPORTED_ISAS = _cpu_isas()
+# A single level that is also the default (the CPU's best) needs no fixture; else every
+# C++ test gets one parameter per level.
+PARAMETRIZE_ISAS = len(CPU_ISAS) > 1 or CPU_ISAS[:1] != _SUPPORTED_ISAS[:1]
+ONLY_CPP_TESTS = bool(os.environ.get("FASTCOMPRESS_TEST_CPU_ISAS"))
 
 
 def pytest_configure(config):
@@ -49,7 +67,7 @@ def pytest_configure(config):
 
 def pytest_generate_tests(metafunc):
     marked = metafunc.definition.get_closest_marker("cpu_kernels") is not None
-    if len(CPU_ISAS) > 1 and ("backend" in metafunc.fixturenames or marked):
+    if PARAMETRIZE_ISAS and ("backend" in metafunc.fixturenames or marked):
         if "cpu_isa" not in metafunc.fixturenames:
             metafunc.fixturenames.append("cpu_isa")
         metafunc.parametrize("cpu_isa", CPU_ISAS, indirect=True)
@@ -62,7 +80,8 @@ def pytest_collection_modifyitems(config, items):
         isa = params.get("cpu_isa") if params else None
         marked = item.get_closest_marker("cpu_kernels") is not None
         on_cpu = marked or (params or {}).get("backend") == "cpu"
-        (keep if isa in (None, CPU_ISAS[0] if CPU_ISAS else None) or on_cpu else drop).append(item)
+        at_best = isa in (None, CPU_ISAS[0] if CPU_ISAS else None)
+        (keep if on_cpu or (at_best and not ONLY_CPP_TESTS) else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

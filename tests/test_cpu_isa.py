@@ -6,6 +6,7 @@ C++ tests once per level the machine supports."""
 
 import os
 import pathlib
+import platform
 import re
 import shutil
 import subprocess
@@ -15,12 +16,14 @@ import pytest
 import torch
 
 import fastcompress as fc
-from fastcompress import _ext
+from fastcompress import _ext, bench
 from fastcompress.reference import mcq_search_reference
 
 pytestmark = pytest.mark.skipif(
     not _ext.load_cpu_extension(raise_on_error=False), reason="no C++ extension"
 )
+ON_X86 = platform.machine().lower() in ("x86_64", "amd64")
+ON_ARM = platform.machine().lower() in ("aarch64", "arm64")
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -36,11 +39,16 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 def test_auto_picks_the_best_level_the_cpu_has():
     supported = _ext.supported_cpu_isas()
     assert supported[-1] == "baseline" and _ext.cpu_isa() == supported[0]
+    if not ON_X86:  # aarch64: one level, NEON through the compiler
+        assert supported == ["baseline"]
+        return
     with open("/proc/cpuinfo") as f:
         flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.M).group(1).split())
     want = "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else (
         "avx2" if {"avx2", "fma"} <= flags else "baseline"
     )  # fmt: skip
+    if want == "avx2" and _ext.avx512_emulated():  # FASTCOMPRESS_EMULATE_AVX512=1
+        want = "avx512"
     assert supported[0] == want
 
 
@@ -65,6 +73,22 @@ def test_forcing_a_level_the_cpu_lacks_or_an_unknown_one_is_an_error():
     assert out.returncode == 0 and out.stdout.strip() == lowest, out.stderr[-500:]
 
 
+def test_avx512_emulation_is_a_test_build_of_its_own(monkeypatch):
+    # FASTCOMPRESS_EMULATE_AVX512=1 (the avx512 level's code compiled for AVX2, for the
+    # tests on CPUs without AVX-512) must never be what a user loads: its own flags, so its
+    # own cache folder, and never the ahead-of-time library.
+    monkeypatch.delenv("FASTCOMPRESS_EMULATE_AVX512", raising=False)
+    user_flags, user_dir = _ext.jit_flags(), _ext.jit_build_dir()
+    monkeypatch.setenv("FASTCOMPRESS_EMULATE_AVX512", "1")
+    assert "-DFC_EMULATE_AVX512" in _ext.jit_flags()
+    assert "-DFC_EMULATE_AVX512" not in user_flags
+    assert _ext.jit_build_dir() != user_dir
+    assert _ext._prebuilt_cpu_library() is None
+    if _ext.avx512_emulated():  # this run is the emulating one: it reports so
+        assert _ext.supported_cpu_isas()[0] == "avx512"
+        assert bench.machine_info().get("cpu_isa_note", "").startswith("avx512 level emulated")
+
+
 def test_every_level_gives_exact_indices_on_exactly_representable_data():
     z = torch.randint(-4, 5, (777, 64)).float()
     books = torch.randint(-4, 5, (8, 300, 8)).float()
@@ -79,16 +103,25 @@ def _library() -> pathlib.Path:
     return origin if origin.is_file() else next(origin.glob("*.so"))
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+def _disassemble() -> str:
+    # On an aarch64 machine `objdump` is native; under emulation on x86 (scripts/aarch64.sh)
+    # only the cross binutils read the library.
+    tool = (ON_ARM and shutil.which("aarch64-linux-gnu-objdump")) or shutil.which("objdump")
+    if tool is None:
+        pytest.skip("objdump (binutils) not installed")
+    return subprocess.run(
+        [tool, "-d", "-C", "--no-show-raw-insn", str(_library())],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+
+
+@pytest.mark.skipif(not ON_X86, reason="x86-64 only: the AVX levels exist only there")
 def test_no_avx_instruction_outside_the_avx_levels():
     # The baseline and the binding must run on a CPU without AVX: any VEX/EVEX instruction
     # (v-prefixed, ymm/zmm or mask registers) in a function outside the isa_avx2 /
     # isa_avx512 namespaces (an inline function the linker shared between levels, say)
     # would be a SIGILL there.
-    listing = subprocess.run(
-        ["objdump", "-d", "-C", "--no-show-raw-insn", str(_library())],
-        capture_output=True, text=True, check=True, timeout=300,
-    ).stdout  # fmt: skip
+    listing = _disassemble()
     offenders, vector_functions, function = set(), set(), None
     for line in listing.splitlines():
         head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
@@ -106,6 +139,28 @@ def test_no_avx_instruction_outside_the_avx_levels():
                 offenders.add(function)
     assert vector_functions, "the listing has no AVX code at all: is it parsed right?"
     assert not offenders, sorted(offenders)[:10]
+
+
+@pytest.mark.skipif(not ON_ARM, reason="aarch64 only (on x86-64: scripts/aarch64.sh)")
+def test_aarch64_baseline_is_neon_with_fused_multiply_add():
+    # The baseline level on aarch64 is the generic 4-lane code: it must come out as NEON
+    # `fmla vN.4s` in every hot kernel, not scalar code or separate multiply and add.
+    fmla_per_function: dict[str, int] = {}
+    function = None
+    for line in _disassemble().splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            function = head.group(1)
+        elif function and re.search(r"\tfmla\s+v\d+\.4s", line):
+            fmla_per_function[function] = fmla_per_function.get(function, 0) + 1
+    for kernel in (
+        "isa_baseline::mcq_kernels::search_block<",
+        "isa_baseline::context_pool_kernels::scores_and_pool(",
+        "isa_baseline::context_pool_kernels::meta_context_pool(",
+        "isa_baseline::decode_step_kernels::linear(",
+    ):
+        counts = [n for name, n in fmla_per_function.items() if kernel in name]
+        assert counts and min(counts) >= 4, (kernel, counts)
 
 
 def test_info_reports_the_level_and_the_cpu_features():

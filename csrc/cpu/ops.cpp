@@ -64,6 +64,9 @@ int64_t best_supported_level() {
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return 3;
   }
+#if defined(FC_EMULATE_AVX512)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 3;
+#endif
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
 #endif
   return 1;
@@ -77,6 +80,15 @@ std::atomic<int64_t>& active_level() {
 int64_t isa_level() { return active_level().load(); }
 
 int64_t max_isa_level() { return best_supported_level(); }
+
+// Whether this is a test build whose avx512 level runs on AVX2 (isa_avx512.cpp).
+bool avx512_emulated() {
+#if defined(FC_EMULATE_AVX512)
+  return true;
+#else
+  return false;
+#endif
+}
 
 void set_isa_level(int64_t level) {
   TORCH_CHECK(level >= 1 && level <= 3, "set_isa_level: level must be 1 (baseline), 2 (avx2) or ",
@@ -141,6 +153,7 @@ at::Tensor decoder_step(const at::Tensor& x, at::TensorList params, at::TensorLi
 TORCH_LIBRARY(fastcompress_cpu, m) {
   m.def("isa_level() -> int", &fastcompress::isa_level);
   m.def("max_isa_level() -> int", &fastcompress::max_isa_level);
+  m.def("avx512_emulated() -> bool", &fastcompress::avx512_emulated);
   m.def("set_isa_level(int level) -> ()", &fastcompress::set_isa_level);
   m.def("mcq_safety_net_hits() -> int", &fastcompress::mcq_safety_net_hits);
   m.def(

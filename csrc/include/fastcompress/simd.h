@@ -52,10 +52,31 @@ inline vecf loadv(const float* p) {
 
 inline void storev(float* p, vecf v) { std::memcpy(p, &v, sizeof(v)); }
 
+#if FC_ISA_LEVEL == 3 && defined(FC_EMULATE_AVX512)
+// Test builds only (FASTCOMPRESS_EMULATE_AVX512=1, csrc/cpu/isa_avx512.cpp): the AVX-512
+// level's kernels, with its 16-lane vectors and 32-register blocking, compiled for AVX2 +
+// FMA so that a CPU without AVX-512 runs them. Only the two intrinsics below differ: each
+// works on two 256-bit halves, with the same rounding (one FMA per lane).
+inline __m256 half(vecf v, int which) {
+  __m256 h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + 32 * which, sizeof(h));
+  return h;
+}
+
+inline vecf from_halves(__m256 low, __m256 high) {
+  vecf v;
+  std::memcpy(&v, &low, sizeof(low));
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &high, sizeof(high));
+  return v;
+}
+#endif
+
 // A true broadcast: `vecf{} + v` costs a scalar add (0 + v is not v for v = -0) and a
 // register shuffle per call, where a broadcast load folds into the load port.
 inline vecf splat(float v) {
-#if FC_ISA_LEVEL == 3
+#if FC_ISA_LEVEL == 3 && defined(FC_EMULATE_AVX512)
+  return from_halves(_mm256_set1_ps(v), _mm256_set1_ps(v));
+#elif FC_ISA_LEVEL == 3
   return reinterpret_cast<vecf>(_mm512_set1_ps(v));
 #elif FC_ISA_LEVEL == 2
   return reinterpret_cast<vecf>(_mm256_set1_ps(v));
@@ -78,7 +99,10 @@ inline vecf vmax(vecf a, vecf b) { return a > b ? a : b; }
 // -ffp-contract) where a scalar chain must reproduce the same bits: contraction may
 // fuse either product of a sum of two products.
 inline vecf fmav(vecf a, vecf b, vecf c) {
-#if FC_ISA_LEVEL == 3
+#if FC_ISA_LEVEL == 3 && defined(FC_EMULATE_AVX512)
+  return from_halves(_mm256_fmadd_ps(half(a, 0), half(b, 0), half(c, 0)),
+                     _mm256_fmadd_ps(half(a, 1), half(b, 1), half(c, 1)));
+#elif FC_ISA_LEVEL == 3
   return reinterpret_cast<vecf>(_mm512_fmadd_ps(
       reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
 #elif FC_ISA_LEVEL == 2
