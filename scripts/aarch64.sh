@@ -30,7 +30,10 @@ sudo_="" && [ "$(id -u)" != 0 ] && sudo_="sudo"
 
 if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
   echo "== apt: g++-aarch64-linux-gnu qemu-user"
-  $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null
+  apt_install() {
+    $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null
+  }
+  apt_install || { $sudo_ apt-get update -q >/dev/null && apt_install; }
 fi
 
 if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then

@@ -43,6 +43,13 @@ MUTATIONS = [
         ("tests/test_mcq_ops.py", "tests/test_review_blind_spots.py"),
         AVX512_LEVEL,
     ),
+    Mutation(
+        "dispatch-assumes-avx2",
+        "csrc/cpu/ops.cpp",
+        '  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;',
+        "  return 2;",
+        ("tests/test_cpu_isa.py::test_the_library_runs_on_an_x86_64_cpu_without_avx",),
+    ),
     # Issue 14 (drop-in fidelity) and the v2 kernels of this session.
     Mutation(
         "voco-text-sees-prefix-by-default",

@@ -103,6 +103,45 @@ def _library() -> pathlib.Path:
     return origin if origin.is_file() else next(origin.glob("*.so"))
 
 
+_ON_OLD_X86 = """
+import os, torch
+from fastcompress import _ext, selftest
+from fastcompress.reference import mcq_search_reference
+import fastcompress as fc
+
+_ext.load_cpu_extension()
+assert _ext.cpu_origin() == os.environ["WANT_ORIGIN"], (_ext.cpu_origin(), "not the same library")
+assert _ext.supported_cpu_isas() == ["baseline"] and _ext.cpu_isa() == "baseline"
+z, books = torch.randint(-4, 5, (333, 64)).float(), torch.randint(-4, 5, (8, 300, 8)).float()
+assert torch.equal(fc.mcq_search(z, books, normalize=False, backend="cpu"),
+                   mcq_search_reference(z, books, False))
+for name, check in selftest.CHECKS.items():
+    check("cpu", torch.device("cpu"))
+print("baseline level: every check passed")
+"""
+
+
+@pytest.mark.skipif(not ON_X86, reason="x86-64 only")
+def test_the_library_runs_on_an_x86_64_cpu_without_avx():
+    # The library the tests use (the ahead-of-time one in .ci/run's second stage) on an
+    # emulated x86-64 CPU with SSE2 and no AVX (qemu-user's qemu64 model, which raises
+    # SIGILL on any VEX instruction): it must load, pick the baseline level and pass the
+    # selftest's parity checks of every op. A level's instruction leaking into shared
+    # code would kill it here, as on a user's older CPU.
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        if os.environ.get("FASTCOMPRESS_REQUIRE_QEMU") == "1":
+            pytest.fail("qemu-x86_64 not found: apt-get install qemu-user (.ci/run does)")
+        pytest.skip("qemu-x86_64 not installed (Debian's qemu-user)")
+    out = subprocess.run(
+        [qemu, "-cpu", "qemu64", sys.executable, "-c", _ON_OLD_X86],
+        env={**os.environ, "WANT_ORIGIN": _ext.cpu_origin()},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, (out.returncode, out.stdout[-1500:], out.stderr[-3000:])
+    assert "every check passed" in out.stdout
+
+
 def _disassemble() -> str:
     # On an aarch64 machine `objdump` is native; under emulation on x86 (scripts/aarch64.sh)
     # only the cross binutils read the library.
