@@ -201,6 +201,11 @@ def mcq_search_impls(z: torch.Tensor, books: torch.Tensor, peers: str = "faiss")
                 lambda x, name=name: fc.mcq_search(x, books, backend=name),
                 z,
             )
+    for level in _lower_cpu_levels(impls):
+        impls[f"fastcompress[cpu:{level}]"] = (
+            lambda x, level=level: _at_cpu_level(level, fc.mcq_search, x, books, backend="cpu"),
+            z,
+        )
     impls["torch reference"] = (lambda x: mcq_search_reference(x, books), z)
     impls["UniTok-style torch"] = (lambda x: unitok_style_search(x, books), z)
     if peers != "none" and device.type == "cpu":
@@ -210,6 +215,24 @@ def mcq_search_impls(z: torch.Tensor, books: torch.Tensor, peers: str = "faiss")
         if peers == "all" and importlib.util.find_spec("vector_quantize_pytorch"):
             impls["vector-quantize-pytorch"] = (VectorQuantizePytorch(books), unit)
     return impls
+
+
+def _lower_cpu_levels(impls: dict) -> list[str]:
+    """The C++ ISA levels below the one in use (which is ``fastcompress[cpu]``), so that
+    one run shows every level this CPU has side by side (issue 12)."""
+    if "fastcompress[cpu]" not in impls:
+        return []
+    from fastcompress import _ext
+
+    levels = _ext.supported_cpu_isas()
+    return levels[levels.index(_ext.cpu_isa()) + 1 :]
+
+
+def _at_cpu_level(level: str, fn: Callable, *args, **kwargs):
+    from fastcompress import _ext
+
+    with _ext.forced_cpu_isa(level):
+        return fn(*args, **kwargs)
 
 
 def index_parity(idx: torch.Tensor, ref: torch.Tensor, z: torch.Tensor, books: torch.Tensor) -> str:

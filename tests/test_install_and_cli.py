@@ -15,6 +15,7 @@ import fastcompress as fc
 from fastcompress import bench, cli
 from fastcompress._progress import progress
 from fastcompress.demo import codes_used_per_codebook
+from fastcompress.reference import mcq_search_reference
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -130,6 +131,27 @@ def test_vector_quantize_pytorch_is_opt_in():
     assert "faiss-cpu PQ" not in bench.mcq_search_impls(z, books, peers="none")
     with pytest.raises(ValueError, match="peers must be"):
         bench.mcq_search_impls(z, books, peers=True)
+
+
+def test_the_cli_benchmark_shows_every_cpu_level_side_by_side():
+    # `fastcompress bench` on CPU: the level in use as fastcompress[cpu], each lower level
+    # this CPU has as fastcompress[cpu:<level>], all with exact indices, and the level in
+    # use restored afterwards.
+    from fastcompress import _ext
+
+    if not _ext.load_cpu_extension(raise_on_error=False):
+        pytest.skip("no C++ extension")
+    before = _ext.cpu_isa()
+    z, books = bench.make_mcq_inputs("mgvq", 257)
+    impls = bench.mcq_search_impls(z, books, peers="none")
+    lower = _ext.supported_cpu_isas()[1:]
+    ours = ["fastcompress[cpu]", *(f"fastcompress[cpu:{name}]" for name in lower)]
+    assert set(ours) <= set(impls)
+    want = mcq_search_reference(z, books)
+    for name in ours:
+        fn, x = impls[name]
+        assert bench.index_parity(fn(x), want, z, books) == "exact", name
+        assert _ext.cpu_isa() == before
 
 
 def test_codes_used_is_per_codebook():
