@@ -46,8 +46,8 @@ MUTATIONS = [
     Mutation(
         "dispatch-assumes-avx2",
         "csrc/cpu/ops.cpp",
-        '  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;',
-        "  return 2;",
+        '__builtin_cpu_supports("fma")) return kLevelWithAvx2;',
+        '__builtin_cpu_supports("fma") || true) return kLevelWithAvx2;',
         ("tests/test_cpu_isa.py::test_the_library_runs_on_an_x86_64_cpu_without_avx",),
     ),
     # Issue 14 (drop-in fidelity) and the v2 kernels of this session.

@@ -26,7 +26,9 @@ def make_problem(n, groups, vocab, dim, dtype=torch.float32, seed=0, device="cpu
     return z, books
 
 
-def assert_same_codes(z_rows, books, idx, ref_idx, normalize, tol=NEAR_TIE, max_frac=1e-3):
+def assert_same_codes(
+    z_rows, books, idx, ref_idx, normalize, tol=NEAR_TIE, max_frac=parity.MAX_NEAR_TIE_SHARE
+):
     """Indices equal the reference's exactly, except at near-ties, where the chosen
     code's score must be within ``tol`` of the reference's choice."""
     idx, ref_idx = idx.cpu(), ref_idx.cpu()

@@ -142,26 +142,18 @@ def test_the_library_runs_on_an_x86_64_cpu_without_avx():
     assert "every check passed" in out.stdout
 
 
-def _disassemble() -> str:
-    # On an aarch64 machine `objdump` is native; under emulation on x86 (scripts/aarch64.sh)
-    # only the cross binutils read the library.
+def _instructions():
+    """(function, instruction) for every instruction in the library's disassembly. On an
+    aarch64 machine `objdump` is native; under emulation on x86 (scripts/aarch64.sh) only
+    the cross binutils read the library."""
     tool = (ON_ARM and shutil.which("aarch64-linux-gnu-objdump")) or shutil.which("objdump")
     if tool is None:
         pytest.skip("objdump (binutils) not installed")
-    return subprocess.run(
+    listing = subprocess.run(
         [tool, "-d", "-C", "--no-show-raw-insn", str(_library())],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
-
-
-@pytest.mark.skipif(not ON_X86, reason="x86-64 only: the AVX levels exist only there")
-def test_no_avx_instruction_outside_the_avx_levels():
-    # The baseline and the binding must run on a CPU without AVX: any VEX/EVEX instruction
-    # (v-prefixed, ymm/zmm or mask registers) in a function outside the isa_avx2 /
-    # isa_avx512 namespaces (an inline function the linker shared between levels, say)
-    # would be a SIGILL there.
-    listing = _disassemble()
-    offenders, vector_functions, function = set(), set(), None
+    function = None
     for line in listing.splitlines():
         head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if head:
@@ -170,8 +162,19 @@ def test_no_avx_instruction_outside_the_avx_levels():
         parts = line.split("\t")
         if function is None or len(parts) < 2 or not re.match(r"^\s+[0-9a-f]+:$", parts[0]):
             continue
-        mnemonic = parts[1].split()[0] if parts[1].split() else ""
-        if mnemonic.startswith("v") or re.search(r"%[yz]mm|%k[0-7]", parts[1]):
+        yield function, " ".join(parts[1:])
+
+
+@pytest.mark.skipif(not ON_X86, reason="x86-64 only: the AVX levels exist only there")
+def test_no_avx_instruction_outside_the_avx_levels():
+    # The baseline and the binding must run on a CPU without AVX: any VEX/EVEX instruction
+    # (v-prefixed, ymm/zmm or mask registers) in a function outside the isa_avx2 /
+    # isa_avx512 namespaces (an inline function the linker shared between levels, say)
+    # would be a SIGILL there.
+    offenders, vector_functions = set(), set()
+    for function, instruction in _instructions():
+        mnemonic = instruction.split()[0] if instruction.split() else ""
+        if mnemonic.startswith("v") or re.search(r"%[yz]mm|%k[0-7]", instruction):
             if "isa_avx2::" in function or "isa_avx512::" in function:
                 vector_functions.add(function)
             else:
@@ -185,12 +188,8 @@ def test_aarch64_baseline_is_neon_with_fused_multiply_add():
     # The baseline level on aarch64 is the generic 4-lane code: it must come out as NEON
     # `fmla vN.4s` in every hot kernel, not scalar code or separate multiply and add.
     fmla_per_function: dict[str, int] = {}
-    function = None
-    for line in _disassemble().splitlines():
-        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
-        if head:
-            function = head.group(1)
-        elif function and re.search(r"\tfmla\s+v\d+\.4s", line):
+    for function, instruction in _instructions():
+        if re.match(r"fmla\s+v\d+\.4s", instruction):
             fmla_per_function[function] = fmla_per_function.get(function, 0) + 1
     for kernel in (
         "isa_baseline::mcq_kernels::search_block<",

@@ -54,6 +54,14 @@ FC_DECLARE_KERNELS(isa_avx512)
 
 namespace {
 
+// Whether this is a test build whose avx512 level runs on AVX2 (FC_EMULATE_AVX512,
+// isa_avx512.cpp): there, a CPU with AVX2 + FMA gets level 3.
+#if defined(FC_EMULATE_AVX512)
+constexpr bool kAvx512Emulated = true;
+#else
+constexpr bool kAvx512Emulated = false;
+#endif
+
 // Levels: 1 baseline, 2 AVX2 + FMA, 3 AVX-512 (F, BW, VL, DQ). __builtin_cpu_supports
 // also checks that the OS saves the wider registers (XCR0), not only the CPUID bits.
 int64_t best_supported_level() {
@@ -64,10 +72,8 @@ int64_t best_supported_level() {
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return 3;
   }
-#if defined(FC_EMULATE_AVX512)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 3;
-#endif
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 2;
+  constexpr int64_t kLevelWithAvx2 = kAvx512Emulated ? 3 : 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kLevelWithAvx2;
 #endif
   return 1;
 }
@@ -81,14 +87,7 @@ int64_t isa_level() { return active_level().load(); }
 
 int64_t max_isa_level() { return best_supported_level(); }
 
-// Whether this is a test build whose avx512 level runs on AVX2 (isa_avx512.cpp).
-bool avx512_emulated() {
-#if defined(FC_EMULATE_AVX512)
-  return true;
-#else
-  return false;
-#endif
-}
+bool avx512_emulated() { return kAvx512Emulated; }
 
 void set_isa_level(int64_t level) {
   TORCH_CHECK(level >= 1 && level <= 3, "set_isa_level: level must be 1 (baseline), 2 (avx2) or ",

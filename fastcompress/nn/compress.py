@@ -172,7 +172,7 @@ class UniCompressor(nn.Module):
 
     def forward(self, x: Tensor) -> CompressedTokens:
         if self.extractor.fused_unsupported_reason() is not None:
-            meta, pooled = self.extractor(x), self.pooling(x)
+            meta, pooled = self.extractor.attend_unfused(x), self.pooling(x)
         else:
             meta, pooled = compress(
                 x,
