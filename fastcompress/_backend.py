@@ -7,6 +7,7 @@ backend that cannot run for the given tensors is an error, never a silent fallba
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
 import os
@@ -97,8 +98,24 @@ def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
     return False, f"unknown backend {name!r}"
 
 
+# How often each backend was chosen, per backend name: the tests check that a test
+# parametrised with a backend ran it.
+selections: collections.Counter[str] = collections.Counter()
+
+
 def select_backend(device: torch.device, backend: str | None = None, *, op: str) -> str:
     """Resolve ``auto`` and check a forced backend; raise if it cannot run."""
+    return record(_select(device, backend, op))
+
+
+def record(name: str) -> str:
+    """Count a choice of ``name`` (outside traced code, where the count is not kept)."""
+    if not torch.compiler.is_compiling():
+        selections[name] += 1
+    return name
+
+
+def _select(device: torch.device, backend: str | None, op: str) -> str:
     name = requested_backend(backend)
     if name != "auto":
         ok, why = backend_available(name, device)

@@ -41,6 +41,10 @@ CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"]
 CPU_LDFLAGS = ["-fopenmp"]
 
 
+def on_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def cpu_sources(root: pathlib.Path | None = None) -> list[pathlib.Path]:
     root = root or csrc_root()
     return [root / "cpu" / name for name in CPU_SOURCE_NAMES]

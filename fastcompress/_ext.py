@@ -16,21 +16,22 @@ import contextlib
 import importlib.util
 import os
 import pathlib
+import sys
 import threading
+import time
+from collections.abc import Callable
 
 import torch
 
-from fastcompress import _build
+from fastcompress import _build, _cache
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
 def cache_root() -> pathlib.Path:
-    base = os.environ.get("FASTCOMPRESS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastcompress"
-    )
-    return pathlib.Path(base)
+    """The cache folder in use (``FASTCOMPRESS_CACHE_DIR`` when it can be trusted)."""
+    return _cache.root()
 
 
 def avx512_emulation_requested() -> bool:
@@ -47,8 +48,12 @@ def jit_flags() -> list[str]:
     return flags
 
 
+def jit_key() -> str:
+    return _build.build_key(jit_flags(), torch.__version__)
+
+
 def jit_build_dir() -> pathlib.Path:
-    return cache_root() / f"cpu-{_build.build_key(jit_flags(), torch.__version__)}"
+    return cache_root() / f"cpu-{jit_key()}"
 
 
 def _prebuilt_cpu_library() -> str | None:
@@ -57,33 +62,69 @@ def _prebuilt_cpu_library() -> str | None:
     spec = importlib.util.find_spec("fastcompress._C_cpu")
     if spec is None or spec.origin is None:
         return None
+    if _cache.elf_truncation(pathlib.Path(spec.origin)):
+        return None  # a damaged install: build just in time rather than crash on load
     want = _build.build_key(_build.CPU_CFLAGS, torch.__version__)
     if _build.library_build_key(spec.origin) != want:
         return None  # built from other sources or for another torch: build just in time
     return spec.origin
 
 
+_JIT_LIBRARY = {"cpu": "fastcompress_cpu_jit.so", "cuda": "fastcompress_cuda_jit.so"}
+
+
+def _announce(what: str, seconds: str) -> Callable[[pathlib.Path], None]:
+    def say(folder: pathlib.Path) -> None:
+        _state["announced_at"] = time.perf_counter()
+        print(
+            f"fastcompress: building {what} (once, about {seconds} on 2 cores; "
+            f"cached in {folder}) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return say
+
+
 def _jit_build_cpu(verbose: bool) -> str:
-    from filelock import FileLock
     from torch.utils import cpp_extension
 
     sources = _build.cpu_sources()
     if not sources[0].exists():
         raise RuntimeError(f"C++ sources not found at {sources[0].parent}")
-    build_dir = jit_build_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(build_dir / "build.lock")):
-        cpp_extension.load(
+
+    def build(folder: pathlib.Path) -> pathlib.Path:
+        path = cpp_extension.load(
             name="fastcompress_cpu_jit",
             sources=[str(p) for p in sources],
             extra_include_paths=[str(_build.csrc_root() / "include")],
             extra_cflags=jit_flags(),
             extra_ldflags=_build.CPU_LDFLAGS,
-            build_directory=str(build_dir),
+            build_directory=str(folder),
             is_python_module=False,
             verbose=verbose or os.environ.get("FASTCOMPRESS_VERBOSE_BUILD", "0") == "1",
         )
-    return str(build_dir)
+        return pathlib.Path(path) if path else next(folder.glob("*.so"))
+
+    levels = "baseline" + (", avx2, avx512" if _build.on_x86() else " (NEON)")
+    library, built = _cache.build_once(
+        "cpu", jit_key(), _JIT_LIBRARY["cpu"], build,
+        _announce(f"the C++ CPU kernels for this CPU and torch {torch.__version__} "
+                  f"(ISA levels {levels})", "1-2 minutes"),
+    )  # fmt: skip
+    if not built:
+        torch.ops.load_library(str(library))
+    else:
+        _say_done("the C++ CPU kernels")
+    _state["cpu_built_now"] = built
+    return str(library.parent)
+
+
+def _say_done(what: str) -> None:
+    began = _state.pop("announced_at", None)
+    if began is not None:
+        seconds = time.perf_counter() - began
+        print(f"fastcompress: {what} built in {seconds:.0f} s", file=sys.stderr, flush=True)
 
 
 def load_cpu_extension(raise_on_error: bool = True, verbose: bool = False) -> bool:
@@ -151,6 +192,13 @@ def cpu_isa() -> str:
     return _ISA_NAMES[int(torch.ops.fastcompress_cpu.isa_level())]
 
 
+def kernel_calls() -> dict[str, int]:
+    """C++ kernel calls per ISA level since the library was loaded."""
+    load_cpu_extension()
+    calls = torch.ops.fastcompress_cpu.kernel_calls
+    return {name: int(calls(level)) for name, level in CPU_ISA_LEVELS.items()}
+
+
 def set_cpu_isa(name: str) -> None:
     """Run the C++ kernels at ``name`` (baseline, avx2, avx512) from now on."""
     if name not in CPU_ISA_LEVELS:
@@ -189,7 +237,6 @@ def _jit_build_cuda() -> None:
     CPU one; the key adds the architecture)."""
     import shutil
 
-    from filelock import FileLock
     from torch.utils import cpp_extension
 
     if torch.version.cuda is None or shutil.which("nvcc") is None:
@@ -200,18 +247,27 @@ def _jit_build_cuda() -> None:
     sources = [root / "cuda" / name for name in _build.CUDA_SOURCE_NAMES]
     key = _build.build_key(["cuda", f"sm_{major}{minor}", *(p.name for p in sources)],
                            torch.__version__)  # fmt: skip
-    build_dir = cache_root() / f"cuda-{key}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(build_dir / "build.lock")):
-        cpp_extension.load(
+
+    def build(folder: pathlib.Path) -> pathlib.Path:
+        path = cpp_extension.load(
             name="fastcompress_cuda_jit",
             sources=[str(p) for p in sources],
             extra_include_paths=[str(root / "include"), *_build.cuda_library_headers()],
             extra_cuda_cflags=["-O3"],
-            build_directory=str(build_dir),
+            build_directory=str(folder),
             is_python_module=False,
             verbose=os.environ.get("FASTCOMPRESS_VERBOSE_BUILD", "0") == "1",
         )
+        return pathlib.Path(path) if path else next(folder.glob("*.so"))
+
+    library, built = _cache.build_once(
+        "cuda", key, _JIT_LIBRARY["cuda"], build,
+        _announce(f"the CUDA kernels for sm_{major}{minor}", "1 minute"),
+    )  # fmt: skip
+    if not built:
+        torch.ops.load_library(str(library))
+    else:
+        _say_done("the CUDA kernels")
 
 
 def load_cuda_extension(raise_on_error: bool = True) -> bool:

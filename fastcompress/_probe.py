@@ -14,6 +14,7 @@ any probe.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -88,22 +89,43 @@ def _cache_file():
 
 
 def load_verdicts() -> dict:
+    """The recorded verdicts; a file that another user could have written is ignored
+    (a forged 'ok' would let ``auto`` use a kernel that was never checked here)."""
+    from fastcompress import _cache
+
     path = _cache_file()
+    why = _cache.unsafe_reason(path)
+    if why:
+        warnings.warn(f"fastcompress: ignoring {path}: {why}", RuntimeWarning, stacklevel=2)
+        return {}
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _save(key: str, backend: str, family: str, verdict: dict) -> None:
+    """Record a verdict for later processes; a cache that cannot be written only costs
+    a probe per process (warned once), never the op."""
     from filelock import FileLock
 
     path = _cache_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        data = load_verdicts()
-        data.setdefault(key, {})[f"{backend}/{family}"] = verdict
-        path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", mode=0o600):
+            data = load_verdicts()
+            data.setdefault(key, {})[f"{backend}/{family}"] = verdict
+            temporary = path.with_name(f".{path.name}.{os.getpid()}")
+            temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
+            temporary.chmod(0o600)
+            temporary.replace(path)  # atomic: a reader never sees half a file
+    except OSError as exc:
+        warnings.warn(
+            f"fastcompress: could not record the probe verdict in {path}: {exc}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def verdict(backend: str, op: str, device: torch.device, run_probe: Callable | None = None) -> dict:

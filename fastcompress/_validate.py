@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import NoReturn
+
 import torch
 from torch import Tensor
 
@@ -52,3 +55,27 @@ def check_finite(name: str, value: Tensor) -> None:
     if value.numel() and not bool(torch.isfinite(value.sum())):
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name} contains NaN or inf; the result would be garbage")
+
+
+def check_finite_number(name: str, value: float) -> float:
+    """A float argument (beta, a temperature, a scale) must be a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return number
+
+
+def raise_nonfinite(owner: str, named: Iterable[tuple[str, Tensor | None]]) -> NoReturn:
+    """Called once a result was found not finite: raise a ValueError naming the first
+    input or parameter that holds NaN or inf (checked only now, so good input pays one
+    check of the small result instead of a pass over every weight)."""
+    for name, value in named:
+        if value is not None:
+            check_finite(f"{owner}: {name}", value)
+    raise ValueError(
+        f"{owner}: the result is not finite although no input or parameter holds NaN or "
+        "inf: float32 overflowed (inputs or weights too large)"
+    )

@@ -24,7 +24,7 @@ from fastcompress._autocast import (
     register_float32_autocast,
     without_autocast,
 )
-from fastcompress._backend import select_backend, shape_fallback
+from fastcompress._backend import record, requested_backend, select_backend, shape_fallback
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
 from fastcompress.reference.compress import (
     meta_token_attention_reference,
@@ -145,9 +145,34 @@ _LIB.define(
 )
 
 
+def check_context_pool_args(
+    x: Tensor, folded: Tensor, grid_h: int, grid_w: int, stride: int
+) -> None:
+    """The op's own checks (the op and its fake run them, so direct ``torch.ops`` calls
+    and traced graphs are refused like the public functions)."""
+    # float64 too: gradcheck runs the op in float64 on the reference backend.
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("folded", folded, ndim=2, dtypes=(torch.float32, torch.float64))
+    batch, tokens, dim = x.shape
+    if folded.shape[1] != dim or folded.shape[0] == 0:
+        raise ValueError(f"folded must be (M > 0, d={dim}), got {tuple(folded.shape)}")
+    if folded.device != x.device:
+        raise ValueError(f"folded is on {folded.device} but x is on {x.device}")
+    if batch == 0 or tokens == 0 or dim == 0:
+        raise ValueError(f"x must have B, T, d > 0, got shape {tuple(x.shape)}")
+    if stride not in (0, 2, 4):
+        raise ValueError(f"stride must be 0 (no pooling), 2 or 4, got {stride}")
+    if stride and (grid_h * grid_w != tokens or grid_h % stride or grid_w % stride):
+        raise ValueError(
+            f"grid {grid_h}x{grid_w} must hold the T={tokens} tokens and be divisible by "
+            f"stride {stride}"
+        )
+
+
 def _meta_context_pool_impl(
     x: Tensor, folded: Tensor, grid_h: int, grid_w: int, stride: int, backend: str
 ) -> tuple[Tensor, Tensor]:
+    check_context_pool_args(x, folded, grid_h, grid_w, stride)
     name = select_backend(x.device, backend, op="compress")
     if name == "triton":
         from fastcompress.triton_kernels.compress import unsupported_reason
@@ -175,7 +200,14 @@ def _meta_context_pool_impl(
     # Every token enters every score, so NaN or inf anywhere in x reaches the small
     # (B, M, d) context: checking it replaces a pass over X (which cost as much as the
     # whole op at d = 64). Raised before anything is returned.
-    check_finite("x", context)
+    if context.numel() and not bool(torch.isfinite(context).all()):
+        if not bool(torch.isfinite(folded).all()):
+            raise ValueError(
+                "compress: queries, in_proj_weight or in_proj_bias contains NaN or inf "
+                "(the folded queries are not finite)"
+            )
+        check_finite("x", x)
+        raise ValueError("compress: the attention scores overflow float32 (x is too large)")
     return context, pooled
 
 
@@ -187,6 +219,7 @@ register_float32_autocast(_LIB, "meta_context_pool")
 
 @torch.library.register_fake("fastcompress::meta_context_pool")
 def _(x, folded, grid_h, grid_w, stride, backend):
+    check_context_pool_args(x, folded, grid_h, grid_w, stride)
     batch, tokens, dim = x.shape
     pooled = tokens // stride**2 if stride else 0
     return (
@@ -314,11 +347,27 @@ def _attend(
     x: Tensor, weights: tuple, grid: tuple[int, int], stride: int, backend: str | None
 ) -> tuple[Tensor, Tensor]:
     """Meta tokens and (stride > 0) pooled tokens on the chosen backend."""
-    from fastcompress._backend import requested_backend
+    # NaN or inf in any argument makes the meta tokens non-finite (every token and weight
+    # enters them): checking that small result, and naming the culprit only then, costs
+    # nothing on good input, unlike a pass over X and the d x d weights on every call.
+    eager = not torch.compiler.is_compiling()
+    try:
+        meta, pooled = _attend_unchecked(x, weights, grid, stride, backend)
+    except ValueError as exc:
+        if eager and "NaN or inf" in str(exc):
+            _name_nonfinite(x, weights)
+        raise
+    if eager and not bool(torch.isfinite(meta).all()):
+        _name_nonfinite(x, weights)
+    return meta, pooled
 
+
+def _attend_unchecked(
+    x: Tensor, weights: tuple, grid: tuple[int, int], stride: int, backend: str | None
+) -> tuple[Tensor, Tensor]:
     queries, in_w, in_b, out_w, out_b, num_heads = weights
-    if requested_backend(backend) == "reference":
-        check_finite("x", x)
+    if requested_backend(backend) == "reference":  # traced code too: no lock, no probe
+        record("reference")
         meta = meta_token_attention_reference(x, *weights)
         pooled = pool_compress_reference(x, grid, stride) if stride else x[:, :0]
         return meta, pooled
@@ -330,6 +379,27 @@ def _attend(
     context, pooled = _meta_context_pool_op(x, folded, grid[0], grid[1], stride, backend or "")
     meta = finish_meta(context, in_w, in_b, out_w, out_b, num_heads)
     return meta.to(x.dtype), pooled
+
+
+def _name_nonfinite(x: Tensor, weights: tuple) -> None:
+    """Raise a ValueError naming the first argument that holds NaN or inf (called once a
+    result was found not finite; every backend gives the same message)."""
+    queries, in_w, in_b, out_w, out_b, _ = weights
+    named = (
+        ("queries", queries),
+        ("in_proj_weight", in_w),
+        ("in_proj_bias", in_b),
+        ("out_proj_weight", out_w),
+        ("out_proj_bias", out_b),
+        ("x", x),
+    )
+    for name, value in named:
+        if value is not None:
+            check_finite(name, value)
+    raise ValueError(
+        "compress: the result is not finite although no argument holds NaN or inf: the "
+        "attention scores overflow float32 (x or the weights are too large)"
+    )
 
 
 def _inference_in_one_call(x: Tensor, weights: tuple, backend: str | None) -> bool:

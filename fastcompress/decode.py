@@ -19,7 +19,13 @@ from torch import Tensor
 
 from fastcompress._autocast import float32_under_autocast, register_float32_autocast, to_float32
 from fastcompress._backend import BackendUnavailableError, select_backend, shape_fallback
-from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
+from fastcompress._validate import (
+    FLOAT_DTYPES,
+    check_finite,
+    check_finite_number,
+    check_same,
+    check_tensor,
+)
 
 
 def merge_splits(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,8 +123,11 @@ def _attend_cpu_fused(
         out = q.new_zeros((batch, heads, sq, dim), dtype=torch.float32)
         return out, q.new_full((batch, heads, sq), float("-inf"), dtype=torch.float32)
     dtype = q.dtype if q.dtype == k_cache.dtype else torch.float32
-    # GQA without copying the cache: the group's query heads become extra query rows.
-    queries = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, group * sq, dim).to(dtype)
+    # GQA without copying the cache: the group's query heads become extra query rows. The
+    # flash kernel assumes a unit stride in the last dim of every operand (a strided q was
+    # read out of bounds): contiguous() is a no-op for the usual (B, 1, H, D) query.
+    queries = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, group * sq, dim)
+    queries = queries.to(dtype).contiguous()
     keys = k_cache[:, :hi].transpose(1, 2).to(dtype)
     values = v_cache[:, :hi].transpose(1, 2).to(dtype)
     mask = None
@@ -137,6 +146,68 @@ def _attend_cpu_fused(
 # latter's Python wrapper cost ~290 us per call for this mutating op (3x the attention
 # itself at decode sizes, 8 calls per decoder step). The schema declares both caches
 # mutated (``Tensor(a!)``); the fake implementation is registered below.
+def check_decode_args(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None,
+    v: Tensor | None,
+    cache_seqlens: Tensor,
+    softmax_scale: float,
+    causal: bool,
+    num_splits: int,
+) -> None:
+    """Every shape, dtype and device rule of the op, before any kernel (the op itself and
+    its fake run this: direct ``torch.ops`` calls and traced graphs get the same errors)."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
+    batch, sq, heads, dim = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != dim:
+        raise ValueError(
+            f"k_cache and v_cache must both be (B={batch}, S_max, H_kv, D={dim}), "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if dim == 0:
+        raise ValueError(f"q must have a head dim D > 0, got shape {tuple(q.shape)}")
+    if k_cache.shape[2] == 0:
+        raise ValueError(f"k_cache must have H_kv > 0 heads, got shape {tuple(k_cache.shape)}")
+    if heads % k_cache.shape[2]:
+        raise ValueError(
+            f"q has H={heads} heads, not a multiple of the caches' H_kv={k_cache.shape[2]}"
+        )
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must share strides with a contiguous last dim")
+    check_same("k_cache", k_cache, "v_cache", v_cache)
+    if k_cache.device != q.device:
+        raise ValueError(f"k_cache is on {k_cache.device} but q is on {q.device}")
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v, or neither")
+    if k is not None:
+        for name, new in (("k", k), ("v", v)):
+            check_tensor(name, new, ndim=4, dtypes=FLOAT_DTYPES)
+            if new.shape[0] != batch or new.shape[2:] != k_cache.shape[2:]:
+                raise ValueError(
+                    f"{name} must be (B={batch}, Sn, H_kv={k_cache.shape[2]}, "
+                    f"D={dim}), got {tuple(new.shape)}"
+                )
+            if new.device != q.device:
+                raise ValueError(f"{name} is on {new.device} but q is on {q.device}")
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"k and v must have the same Sn, got {k.shape[1]} and {v.shape[1]}")
+    if causal and k is not None and k.shape[1] < sq:
+        raise ValueError("causal with new k/v needs Sn >= Sq")
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
+    if cache_seqlens.shape[0] != batch or cache_seqlens.device != q.device:
+        raise ValueError(
+            f"cache_seqlens must be (B={batch},) on {q.device}, got "
+            f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}"
+        )
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be >= 0, got {num_splits}")
+    check_finite_number("softmax_scale", softmax_scale)
+
+
 _LIB = torch.library.Library("fastcompress", "FRAGMENT")
 _LIB.define(
     "decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
@@ -157,11 +228,13 @@ def _decode_attention_impl(
     num_splits: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
+    check_decode_args(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, num_splits)
     batch, sq, heads, dim = q.shape
     s_max = k_cache.shape[1]
     new = 0 if k is None else k.shape[1]
     lengths = cache_seqlens.to(torch.int32) + new
-    if q.device.type == "cpu":  # data-dependent checks; on GPU they would sync every step
+    on_cpu = q.device.type == "cpu"  # data-dependent checks; on GPU they would sync
+    if on_cpu and batch:
         if int(cache_seqlens.min()) < 0 or int(lengths.max()) > s_max:
             raise ValueError(
                 f"cache_seqlens + new tokens must lie in [0, S_max={s_max}]: "
@@ -169,14 +242,44 @@ def _decode_attention_impl(
                 f"the cache?)"
             )
         check_finite("q", q)
-    if k is not None:
-        _append(k_cache, v_cache, k, v, cache_seqlens)
+        if k is not None:
+            check_finite("k", k)
+            check_finite("v", v)
     name = select_backend(q.device, backend, op="decode_attention")
     if name == "triton":
         from fastcompress.triton_kernels.decode_attention import unsupported_reason
 
         reason = unsupported_reason(heads, k_cache.shape[2], sq, dim)
         name = shape_fallback(name, backend, reason, op="decode_attention")
+    if name == "cuda":  # refused before the caches are written
+        raise BackendUnavailableError("decode_attention: no CUDA C++ kernel; use 'triton'")
+    if k is not None and new and batch:
+        _append(k_cache, v_cache, k, v, cache_seqlens)
+    if q.numel() == 0:  # no query (Sq = 0, B = 0 or H = 0): the append above still holds
+        empty = q.new_empty((batch, heads, sq), dtype=torch.float32)
+        return torch.empty_like(q, memory_format=torch.contiguous_format), empty
+    out, lse = _attend(q, k_cache, v_cache, lengths, softmax_scale, causal, num_splits, name)
+    if on_cpu and not bool(torch.isfinite(out).all()):
+        raise ValueError(
+            "decode_attention: the output is not finite although q is: k_cache or v_cache "
+            "holds NaN or inf in its filled part (or the scores overflow float32)"
+        )
+    return out, lse
+
+
+def _attend(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lengths: Tensor,
+    softmax_scale: float,
+    causal: bool,
+    num_splits: int,
+    name: str,
+) -> tuple[Tensor, Tensor]:
+    """``out (B, Sq, H, D)`` in q.dtype and ``lse (B, H, Sq)`` on the chosen backend."""
+    batch = q.shape[0]
+    s_max = k_cache.shape[1]
     if num_splits > 0:
         splits = num_splits
     else:  # split-K pays off only on a GPU with few (batch, head) programs
@@ -190,8 +293,6 @@ def _decode_attention_impl(
         parts = decode_attention_triton(
             q.contiguous(), k_cache, v_cache, lengths, softmax_scale, causal, splits
         )
-    elif name == "cuda":
-        raise BackendUnavailableError("decode_attention: no CUDA C++ kernel; use 'triton'")
     else:
         parts = _attend_torch(q, k_cache, v_cache, lengths, softmax_scale, causal, splits)
     out, lse = merge_splits(*parts)
@@ -214,6 +315,7 @@ register_float32_autocast(_LIB, "decode_attention", _float32_except_caches)
 
 @torch.library.register_fake("fastcompress::decode_attention")
 def _(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, num_splits, backend):
+    check_decode_args(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, num_splits)
     batch, sq, heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, heads, sq), dtype=torch.float32)
 
@@ -247,47 +349,13 @@ def decode_attention(
     first; the caches keep their dtype.
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
-    batch, sq, heads, dim = q.shape
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != dim:
-        raise ValueError(
-            f"k_cache and v_cache must both be (B={batch}, S_max, H_kv, D={dim}), "
-            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if heads % k_cache.shape[2]:
-        raise ValueError(
-            f"q has H={heads} heads, not a multiple of the caches' H_kv={k_cache.shape[2]}"
-        )
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must share strides with a contiguous last dim")
-    check_same("k_cache", k_cache, "v_cache", v_cache)
-    if k_cache.device != q.device:
-        raise ValueError(f"k_cache is on {k_cache.device} but q is on {q.device}")
-    if (k is None) != (v is None):
-        raise ValueError("pass both k and v, or neither")
-    if k is not None:
-        for name, new in (("k", k), ("v", v)):
-            check_tensor(name, new, ndim=4, dtypes=FLOAT_DTYPES)
-            if new.shape[0] != batch or new.shape[2:] != k_cache.shape[2:]:
-                raise ValueError(
-                    f"{name} must be (B={batch}, Sn, H_kv={k_cache.shape[2]}, "
-                    f"D={dim}), got {tuple(new.shape)}"
-                )
-    if causal and k is not None and k.shape[1] < sq:
-        raise ValueError("causal with new k/v needs Sn >= Sq")
     if cache_seqlens is None:
         cache_seqlens = 0
     if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
-    if cache_seqlens.shape[0] != batch or cache_seqlens.device != q.device:
-        raise ValueError(
-            f"cache_seqlens must be (B={batch},) on {q.device}, got "
-            f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}"
-        )
-    if num_splits < 0:
-        raise ValueError(f"num_splits must be >= 0, got {num_splits}")
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    dim = q.shape[-1]
+    if softmax_scale is None and dim == 0:
+        raise ValueError(f"q must have a head dim D > 0, got shape {tuple(q.shape)}")
     scale = softmax_scale if softmax_scale is not None else dim**-0.5
     out, lse = _decode_attention_op(
         q,

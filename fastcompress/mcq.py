@@ -22,7 +22,13 @@ from fastcompress._autocast import (
     without_autocast,
 )
 from fastcompress._backend import select_backend
-from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
+from fastcompress._validate import (
+    FLOAT_DTYPES,
+    check_finite,
+    check_finite_number,
+    check_same,
+    check_tensor,
+)
 from fastcompress.reference.mcq import (
     compute_dtype,
     mcq_quantize_reference,
@@ -83,10 +89,35 @@ def _split_norm(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
 # ------------------------------------------------------------------------ forward impls
 
 
+def check_op_args(z: Tensor, codebooks: Tensor) -> None:
+    """The canonical layout of the ops, checked by each op and its fake (direct
+    ``torch.ops`` calls and traced graphs get the same errors as the public functions)."""
+    check_tensor("z", z, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("codebooks", codebooks, ndim=3, dtypes=FLOAT_DTYPES)
+    groups, vocab, dim = codebooks.shape
+    if groups == 0 or vocab == 0 or dim == 0:
+        raise ValueError(
+            f"codebooks must be (G, K, d) with G, K, d > 0, got {tuple(codebooks.shape)}"
+        )
+    if z.shape[1] != groups * dim:
+        raise ValueError(
+            f"z must be (N, C = G*d = {groups * dim}) for codebooks {tuple(codebooks.shape)}, "
+            f"got {tuple(z.shape)}"
+        )
+    if codebooks.device != z.device:
+        raise ValueError(f"codebooks is on {codebooks.device} but z is on {z.device}")
+    if codebooks.dtype not in (z.dtype, torch.float32):
+        raise TypeError(
+            f"codebooks must have z's dtype ({z.dtype}) or float32, got {codebooks.dtype}"
+        )
+
+
 def _forward(
     z: Tensor, codebooks: Tensor, beta: float, normalize: bool, full: bool, backend: str, op: str
 ):
     """(indices, z_q, counts, vq_loss) on the selected backend; z_q etc. only when full."""
+    check_op_args(z, codebooks)
+    check_finite_number("beta", beta)
     check_finite("z", z)
     check_finite("codebooks", codebooks)
     name = select_backend(z.device, backend, op=op)
@@ -138,6 +169,7 @@ def _mcq_search_op(z: Tensor, codebooks: Tensor, normalize: bool, backend: str) 
 
 @_mcq_search_op.register_fake
 def _(z, codebooks, normalize, backend):
+    check_op_args(z, codebooks)
     return z.new_empty((z.shape[0], codebooks.shape[0]), dtype=torch.long)
 
 
@@ -151,6 +183,7 @@ def _mcq_quantize_op(
 
 @_mcq_quantize_op.register_fake
 def _(z, codebooks, beta, normalize, backend):
+    check_op_args(z, codebooks)
     groups, vocab, _ = codebooks.shape
     return (
         torch.empty_like(z),
@@ -232,12 +265,27 @@ def _entropy_logits(chunk: Tensor, book: Tensor, inv_temp: float) -> Tensor:
     return torch.addmm(dist, chunk, book.T, alpha=-2, beta=1).mul_(-inv_temp)
 
 
+def check_entropy_args(chunks: Tensor, book: Tensor, inv_temp: float) -> None:
+    check_tensor("chunks", chunks, ndim=3, dtypes=(torch.float32,))
+    check_tensor("book", book, ndim=3, dtypes=(torch.float32,))
+    if book.shape[0] != chunks.shape[1] or book.shape[2] != chunks.shape[2] or not book.shape[1]:
+        raise ValueError(
+            f"book must be (G={chunks.shape[1]}, K > 0, d={chunks.shape[2]}) for chunks "
+            f"(N, G, d) {tuple(chunks.shape)}, got {tuple(book.shape)}"
+        )
+    if book.device != chunks.device:
+        raise ValueError(f"book is on {book.device} but chunks is on {chunks.device}")
+    if not check_finite_number("inv_temp", inv_temp) > 0:
+        raise ValueError(f"inv_temp (1 / entropy_temp) must be > 0, got {inv_temp}")
+
+
 @torch.library.custom_op("fastcompress::mcq_entropy_loss", mutates_args=())
 def _mcq_entropy_op(chunks: Tensor, book: Tensor, inv_temp: float) -> tuple[Tensor, Tensor]:
     """``chunks (N, G, d)`` and ``book (G, K, d)`` float32 -> (loss (), mean prob (G, K)).
 
     Row tiles of ``_ENTROPY_CHUNK_ELEMENTS / K`` rows: the N x K matrix never exists.
     """
+    check_entropy_args(chunks, book, inv_temp)
     n, groups, _ = chunks.shape
     vocab = book.shape[1]
     avg = chunks.new_zeros(groups, vocab)
@@ -258,6 +306,7 @@ def _mcq_entropy_op(chunks: Tensor, book: Tensor, inv_temp: float) -> tuple[Tens
 
 @_mcq_entropy_op.register_fake
 def _(chunks, book, inv_temp):
+    check_entropy_args(chunks, book, inv_temp)
     return chunks.new_empty(()), chunks.new_empty((book.shape[0], book.shape[1]))
 
 
@@ -316,6 +365,17 @@ def _as_codebooks(
             raise ValueError("codebooks must not be an empty sequence")
         for i, book in enumerate(codebooks):
             check_tensor(f"codebooks[{i}]", book, ndim=2, dtypes=dtypes)
+            if book.shape != codebooks[0].shape or book.dtype != codebooks[0].dtype:
+                raise ValueError(
+                    f"codebooks[{i}] is {tuple(book.shape)} {book.dtype} but codebooks[0] is "
+                    f"{tuple(codebooks[0].shape)} {codebooks[0].dtype}: every codebook of the "
+                    "sequence must have the same (K, d) and dtype"
+                )
+            if book.device != codebooks[0].device:
+                raise ValueError(
+                    f"codebooks[{i}] is on {book.device} but codebooks[0] is on "
+                    f"{codebooks[0].device}"
+                )
         return torch.stack(list(codebooks))
     return check_tensor("codebooks", codebooks, ndim=3, dtypes=dtypes)
 
@@ -340,8 +400,8 @@ def _rows(z: Tensor, books: Tensor, channel_dim: int) -> tuple[Tensor, int]:
     channel_dim %= z.dim()
     groups, vocab, dim = books.shape
     channels = z.shape[channel_dim]
-    if vocab == 0 or dim == 0:
-        raise ValueError(f"codebooks must be (G, K, d) with K, d > 0, got {tuple(books.shape)}")
+    if groups == 0 or vocab == 0 or dim == 0:
+        raise ValueError(f"codebooks must be (G, K, d) with G, K, d > 0, got {tuple(books.shape)}")
     if channels != groups * dim:
         hint = f"; C={channels} is not divisible by G={groups}" if channels % groups else ""
         raise ValueError(
@@ -404,6 +464,11 @@ def mcq_quantize(
         then G); ``vq_loss`` ``()``; ``entropy_loss`` ``()`` or None; ``usage_counts``
         ``(G, K)`` int64.
     """
+    beta = check_finite_number("beta", beta)
+    if entropy_temp is not None:
+        entropy_temp = check_finite_number("entropy_temp", entropy_temp)
+        if entropy_temp <= 0:
+            raise ValueError(f"entropy_temp must be > 0, got {entropy_temp}")
     books = _as_codebooks(codebooks)
     rows, channel_dim = _rows(z, books, channel_dim)
     groups, vocab, dim = books.shape
@@ -412,8 +477,6 @@ def mcq_quantize(
     )
     entropy = None
     if entropy_temp is not None:
-        if entropy_temp <= 0:
-            raise ValueError(f"entropy_temp must be > 0, got {entropy_temp}")
         chunks, _ = _split_norm(rows.float().view(-1, groups, dim), normalize)
         book, _ = _split_norm(books.float(), normalize)
         entropy = _mcq_entropy_op(chunks, book, 1.0 / entropy_temp)[0]
@@ -459,6 +522,8 @@ def mcq_dequantize(
     books = _as_codebooks(codebooks, FLOAT_DTYPES + (torch.float64,))
     check_tensor("indices", indices, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
     groups, vocab, dim = books.shape
+    if groups == 0 or vocab == 0 or dim == 0:
+        raise ValueError(f"codebooks must be (G, K, d) with G, K, d > 0, got {tuple(books.shape)}")
     if indices.device != books.device:
         raise ValueError(f"indices is on {indices.device} but codebooks is on {books.device}")
     if indices.dim() < 1 or indices.shape[-1] != groups:
@@ -470,6 +535,11 @@ def mcq_dequantize(
                 f"indices must lie in [0, {vocab}) (K of codebooks), "
                 f"found values in [{low}, {high}]"
             )
+    if not -indices.dim() <= channel_dim < indices.dim():
+        raise ValueError(
+            f"channel_dim={channel_dim} is out of range for the output of rank "
+            f"{indices.dim()} (indices {tuple(indices.shape)} -> (..., C))"
+        )
     book = F.normalize(books, dim=-1) if normalize else books
     vectors = book[torch.arange(groups, device=books.device), indices.long()]
     out = vectors.reshape(*indices.shape[:-1], groups * dim)

@@ -174,21 +174,83 @@ def save_checkpoint(stack: UniCompressStack, path: str) -> None:
 
 
 def load_checkpoint(path: str, backend: str | None = None) -> UniCompressStack:
-    """Load a stack saved by :func:`save_checkpoint`; anything else is a clear error."""
+    """Load a stack saved by :func:`save_checkpoint`. Anything else is a ``ValueError``
+    naming the field: the config is checked against :class:`StackConfig` and against the
+    shapes of the saved weights (on the meta device) before any memory is allocated."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupted, or not a torch file at all
         raise ValueError(f"checkpoint {path!r} is corrupted or not a torch file: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path!r} is not a {CHECKPOINT_FORMAT} checkpoint")
-    config = dict(payload["config"])
-    config["grid"] = tuple(config["grid"])
-    stack = UniCompressStack(StackConfig(**config), backend=backend)
-    try:
-        stack.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint {path!r} does not match its config: {exc}") from exc
+    config = _checked_config(path, payload.get("config"))
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"checkpoint {path!r}: field 'state_dict' is missing or not tensors")
+    with torch.device("meta"):  # shapes only: nothing is allocated yet
+        try:
+            skeleton = UniCompressStack(config, backend=backend)
+        except (ValueError, TypeError, AssertionError, RuntimeError) as exc:
+            raise ValueError(f"checkpoint {path!r}: field 'config' is invalid: {exc}") from exc
+        wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(set(state) - set(wanted))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path!r}: field 'state_dict' does not match its config: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for key, shape in wanted.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(
+                f"checkpoint {path!r}: field 'state_dict' does not match its config: {key} is "
+                f"{tuple(state[key].shape)}, field 'config' ({config}) needs {shape}"
+            )
+    stack = UniCompressStack(config, backend=backend)
+    stack.load_state_dict(state, strict=True)
     return stack.eval()
+
+
+def _checked_config(path: str, raw: object) -> StackConfig:
+    """``raw`` as a :class:`StackConfig`, every field of the right kind and range."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"checkpoint {path!r}: field 'config' is missing or not a dict")
+    fields = {f.name: f for f in dataclasses.fields(StackConfig)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"checkpoint {path!r}: field 'config' has unknown keys {unknown}")
+    values = dict(raw)
+    for name, value in values.items():
+        where = f"checkpoint {path!r}: field 'config.{name}'"
+        if name == "grid":
+            if not (
+                isinstance(value, (tuple, list))
+                and len(value) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            ):
+                raise ValueError(f"{where} must be two positive ints (H, W), got {value!r}")
+            values[name] = tuple(value)
+        elif fields[name].type in ("int", int):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{where} must be a positive int, got {value!r}")
+        elif (
+            not isinstance(value, (int, float)) or not value == value or abs(value) == float("inf")
+        ):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+    config = StackConfig(**values)
+    if config.stride not in (2, 4) or any(g % config.stride for g in config.grid):
+        raise ValueError(
+            f"checkpoint {path!r}: field 'config.stride' must be 2 or 4 and divide the grid "
+            f"{config.grid}, got {config.stride}"
+        )
+    if config.dim % config.heads:
+        raise ValueError(
+            f"checkpoint {path!r}: field 'config.heads' ({config.heads}) must divide "
+            f"config.dim ({config.dim})"
+        )
+    return config
 
 
 def upsample_pooled(pooled: Tensor, config: StackConfig) -> Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fastcompress._autocast import float32_under_autocast, register_float32_autocast
 from fastcompress._backend import BackendUnavailableError, select_backend
-from fastcompress._validate import FLOAT_DTYPES, check_finite, check_tensor
+from fastcompress._validate import FLOAT_DTYPES, check_finite, check_finite_number, check_tensor
 
 HYBRID_MODES = ("isolated", "causal")
 
@@ -204,6 +204,34 @@ def _own_values(v: Tensor, heads: int, rows: tuple[int, int]) -> Tensor:
     return own.repeat_interleave(heads // v.shape[1], dim=1) if heads != v.shape[1] else own
 
 
+def check_voco_args(q: Tensor, k: Tensor, v: Tensor, layout: VocoLayout) -> None:
+    """Shapes, dtypes and devices (the public function, the op and its fake run this)."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+    batch, heads, length, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (length, dim):
+        raise ValueError(
+            f"k and v must both be (B={batch}, H_kv, L={length}, D={dim}), got "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.shape[1] == 0 or dim == 0:
+        raise ValueError(f"k and v must have H_kv > 0 and D > 0, got shape {tuple(k.shape)}")
+    if heads % k.shape[1]:
+        raise ValueError(f"q has H={heads} heads, not a multiple of H_kv={k.shape[1]}")
+    if length != layout.length:
+        raise ValueError(
+            f"sequence length L={length} does not match the layout's "
+            f"{layout.length} (prefix {layout.n_prefix} + hybrid {layout.n_hybrid} "
+            f"+ voco {layout.n_voco} + text {layout.n_text})"
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype or k.device != q.device or v.device != q.device:
+        raise TypeError(
+            f"q, k and v must share dtype and device, got {q.dtype}/{q.device}, "
+            f"{k.dtype}/{k.device} and {v.dtype}/{v.device}"
+        )
+
+
 @float32_under_autocast
 def voco_attention(
     q: Tensor,
@@ -217,28 +245,14 @@ def voco_attention(
 
     ``q (B, H, L, D)``, ``k``/``v`` ``(B, H_kv, L, D)`` (GQA: H % H_kv == 0), ``L =
     layout.length`` -> ``(B, H, L, D)``; the same numbers as SDPA with ``voco_mask``."""
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
     if not isinstance(layout, VocoLayout):
         raise TypeError(f"layout must be a VocoLayout, got {type(layout).__name__}")
-    batch, heads, length, dim = q.shape
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (length, dim):
-        raise ValueError(
-            f"k and v must both be (B={batch}, H_kv, L={length}, D={dim}), got "
-            f"{tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if heads % k.shape[1]:
-        raise ValueError(f"q has H={heads} heads, not a multiple of H_kv={k.shape[1]}")
-    if length != layout.length:
-        raise ValueError(
-            f"sequence length L={length} does not match the layout's "
-            f"{layout.length} (prefix {layout.n_prefix} + hybrid {layout.n_hybrid} "
-            f"+ voco {layout.n_voco} + text {layout.n_text})"
-        )
-    if q.dtype != k.dtype or q.dtype != v.dtype or k.device != q.device or v.device != q.device:
-        raise TypeError("q, k and v must share dtype and device")
+    check_voco_args(q, k, v, layout)
+    dim = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else dim**-0.5
+    check_finite_number("softmax_scale", scale)
+    if q.numel() == 0:
+        return q.new_empty(q.shape)
     return _voco_attention_op(
         q,
         k,
@@ -269,8 +283,11 @@ def _voco_attention_op(
     backend: str,
 ) -> Tensor:
     layout = VocoLayout(n_prefix, n_hybrid, n_voco, n_text, hybrid, text_sees_prefix)
+    check_voco_args(q, k, v, layout)
+    check_finite_number("scale", scale)
     heads = q.shape[1]
-    check_finite("q", q)
+    for name, value in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, value)
     name = select_backend(q.device, backend, op="voco_attention")
     if name == "reference":
         return voco_attention_reference(q, k, v, layout, scale)
@@ -301,6 +318,8 @@ register_float32_autocast(_LIB, "voco_attention")
 
 @_voco_attention_op.register_fake
 def _(q, k, v, n_prefix, n_hybrid, n_voco, n_text, hybrid, text_sees_prefix, scale, backend):
+    layout = VocoLayout(n_prefix, n_hybrid, n_voco, n_text, hybrid, text_sees_prefix)
+    check_voco_args(q, k, v, layout)
     return q.new_empty(q.shape)
 
 

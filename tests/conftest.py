@@ -63,13 +63,23 @@ ONLY_CPP_TESTS = bool(os.environ.get("FASTCOMPRESS_TEST_CPU_ISAS"))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_kernels: run every test at every CPU ISA level")
+    config.addinivalue_line(
+        "markers", "no_kernel: a backend-parametrised test that fails before any kernel runs"
+    )
+    config.addinivalue_line(
+        "markers",
+        "isa_independent: the op's cpu backend is ATen code, not the C++ kernels: one run "
+        "at the CPU's best level instead of one per ISA level",
+    )
 
 
 def pytest_generate_tests(metafunc):
     marked = metafunc.definition.get_closest_marker("cpu_kernels") is not None
-    if PARAMETRIZE_ISAS and ("backend" in metafunc.fixturenames or marked):
-        if "cpu_isa" not in metafunc.fixturenames:
-            metafunc.fixturenames.append("cpu_isa")
+    independent = metafunc.definition.get_closest_marker("isa_independent") is not None
+    if PARAMETRIZE_ISAS and ("backend" in metafunc.fixturenames or marked) and not independent:
+        # `cpu_isa` is an autouse fixture, so it is in every test's closure and the
+        # indirect parameter reaches it (a name appended to fixturenames here would not
+        # be set up: every level's id then ran at the CPU's best level).
         metafunc.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 
 
@@ -87,10 +97,29 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def cpu_isa(request):
-    """Runs the test with the C++ kernels at the parametrized ISA level."""
-    from fastcompress import _ext
+    """The C++ kernels run at the test's parametrised ISA level (its id); after the test,
+    the kernels it ran must all have run at that level, and a test parametrised with
+    ``backend`` must have chosen that backend. Unparametrised tests run at the CPU's best
+    level and are not checked."""
+    from fastcompress import _backend, _ext
 
-    with _ext.forced_cpu_isa(request.param):
-        yield request.param
+    level = getattr(request, "param", None)
+    backend = getattr(getattr(request.node, "callspec", None), "params", {}).get("backend")
+    chosen_before = _backend.selections.copy()
+    if level is None:
+        yield None
+    else:
+        calls_before = _ext.kernel_calls()
+        with _ext.forced_cpu_isa(level):
+            assert _ext.cpu_isa() == level
+            yield level
+        calls = {k: v - calls_before[k] for k, v in _ext.kernel_calls().items()}
+        elsewhere = {k: v for k, v in calls.items() if k != level and v}
+        assert not elsewhere, f"test id says {level} but kernels ran at {elsewhere}"
+        if backend == "cpu" and request.node.get_closest_marker("no_kernel") is None:
+            assert calls[level] > 0, f"test id says cpu/{level} but no C++ kernel ran"
+    if backend in _backend.BACKENDS[1:] and request.node.get_closest_marker("no_kernel") is None:
+        chosen = _backend.selections - chosen_before
+        assert chosen[backend] > 0, f"test id says backend {backend} but it ran {dict(chosen)}"

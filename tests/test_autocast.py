@@ -125,6 +125,7 @@ def test_compress_under_autocast_is_float32(backend):
     torch.testing.assert_close(module_out, want[0], **EXACT)
 
 
+@pytest.mark.isa_independent  # the cpu backend here is ATen code
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_ops_under_autocast_are_float32(backend):
     layout = VocoLayout(2, 17, 1, 6)

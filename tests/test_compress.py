@@ -65,6 +65,7 @@ def test_meta_token_attention_alone(backend):
     torch.testing.assert_close(meta, _expected(x, (5, 7), 1, weights, mha)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.isa_independent  # the cpu backend here is ATen code
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_bfloat16_error_at_most_twice_torch(backend):
     x, weights, _ = _problem(dim=64, heads=8, grid=(8, 8))

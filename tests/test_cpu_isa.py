@@ -121,6 +121,29 @@ print("baseline level: every check passed")
 """
 
 
+def _emulated_cpu_env() -> dict[str, str]:
+    """The environment of the child on the emulated qemu64 CPU: it must describe that
+    CPU, not this one. Machines that pin OpenBLAS to their own core type
+    (OPENBLAS_CORETYPE=Haswell on the Zen 5 hosts) would make numpy's OpenBLAS run AVX2
+    code there and die with SIGILL before fastcompress loads. Prescott is OpenBLAS's
+    SSE3 kernel set, which qemu64 has."""
+    env = {**os.environ, "WANT_ORIGIN": _ext.cpu_origin()}
+    env["OPENBLAS_CORETYPE"] = "Prescott"
+    env.pop("MKL_ENABLE_INSTRUCTIONS", None)
+    env.pop("ATEN_CPU_CAPABILITY", None)  # torch picks its own level from cpuid
+    return env
+
+
+def test_the_emulated_cpu_child_describes_the_emulated_cpu(monkeypatch):
+    # Whatever this machine pins for its own CPU, the qemu64 child gets a core type the
+    # emulated CPU has, and this process's environment is left as it was.
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    env = _emulated_cpu_env()
+    assert env["OPENBLAS_CORETYPE"] == "Prescott" and "ATEN_CPU_CAPABILITY" not in env
+    assert os.environ["OPENBLAS_CORETYPE"] == "Haswell"
+
+
 @pytest.mark.skipif(not ON_X86, reason="x86-64 only")
 def test_the_library_runs_on_an_x86_64_cpu_without_avx():
     # The library the tests use (the ahead-of-time one in .ci/run's second stage) on an
@@ -135,7 +158,7 @@ def test_the_library_runs_on_an_x86_64_cpu_without_avx():
         pytest.skip("qemu-x86_64 not installed (Debian's qemu-user)")
     out = subprocess.run(
         [qemu, "-cpu", "qemu64", sys.executable, "-c", _ON_OLD_X86],
-        env={**os.environ, "WANT_ORIGIN": _ext.cpu_origin()},
+        env=_emulated_cpu_env(),
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, (out.returncode, out.stdout[-1500:], out.stderr[-3000:])

@@ -47,6 +47,7 @@ def _problem(batch=3, s_max=70, heads=4, kv_heads=2, dim=16, sq=1, new=1, dtype=
     )
 
 
+@pytest.mark.isa_independent  # the cpu backend here is ATen code
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("num_splits", [0, 1, 3])
 @pytest.mark.parametrize(
@@ -80,6 +81,7 @@ def test_matches_loop_reference(backend, num_splits, sq, causal, heads, kv_heads
     torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.isa_independent  # the cpu backend here is ATen code
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16_and_no_append(backend):
     q, k_cache, v_cache, _, _ = _problem(dtype=torch.bfloat16)

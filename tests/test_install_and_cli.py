@@ -188,10 +188,15 @@ def test_an_ahead_of_time_library_is_used_only_while_its_key_matches(tmp_path, m
     library = tmp_path / "_C_cpu.so"
     spec = types.SimpleNamespace(origin=str(library))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
-    library.write_bytes(b"\x7fELF...FASTCOMPRESS_BUILD_KEY=" + want.encode() + b"\0...")
+    _ext.load_cpu_extension()
+    origin = pathlib.Path(_ext.cpu_origin())  # the AOT library, or the JIT build's folder
+    elf = (origin if origin.is_file() else next(origin.glob("*.so"))).read_bytes()
+    library.write_bytes(elf + b"FASTCOMPRESS_BUILD_KEY=" + want.encode() + b"\0")
     assert _build.library_build_key(str(library)) == want
     assert _ext._prebuilt_cpu_library() == str(library)
-    library.write_bytes(b"\x7fELF...FASTCOMPRESS_BUILD_KEY=0123456789abcdef\0")  # other sources
+    library.write_bytes(elf[: len(elf) // 2] + b"FASTCOMPRESS_BUILD_KEY=" + want.encode())
+    assert _ext._prebuilt_cpu_library() is None  # truncated: never loaded (SIGBUS)
+    library.write_bytes(elf + b"FASTCOMPRESS_BUILD_KEY=0123456789abcdef\0")  # other sources
     assert _ext._prebuilt_cpu_library() is None
-    library.write_bytes(b"\x7fELF... no marker")  # built before keys existed
+    library.write_bytes(elf)  # built before keys existed
     assert _ext._prebuilt_cpu_library() is None

@@ -75,6 +75,33 @@ def test_bad_checkpoints(tmp_path):
         load_checkpoint(str(mismatched))
 
 
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda p: p["config"].update(colour=1), r"unknown keys \['colour'\]"),
+        (lambda p: p["config"].update(grid=4), r"config.grid' must be two positive ints"),
+        (lambda p: p["config"].update(stride=3), r"config.stride' must be 2 or 4"),
+        (lambda p: p["config"].update(heads=5), r"config.heads' \(5\) must divide"),
+        (lambda p: p["config"].update(beta=float("nan")), r"config.beta' must be a finite"),
+        (lambda p: p["config"].update(depth=-1), r"config.depth' must be a positive int"),
+        (lambda p: p.pop("state_dict"), r"field 'state_dict' is missing"),
+        (lambda p: p.pop("config"), r"field 'config' is missing"),
+        # The weights are 32 wide: a config of width 100000 (120 GB of weights) is refused
+        # from shapes alone, before anything is allocated.
+        (lambda p: p["config"].update(dim=100_000), r"does not match its config"),
+    ],
+)
+def test_malformed_checkpoints_name_the_field(tmp_path, edit, match):
+    good = tmp_path / "good.pt"
+    save_checkpoint(UniCompressStack(SMALL), str(good))
+    payload = torch.load(good, weights_only=True)
+    edit(payload)
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(str(bad))
+
+
 def test_demo_end_to_end(tmp_path):
     report = run_demo(steps=4, batch=4, config=SMALL, out_dir=str(tmp_path), progress=False)
     text = format_report(report)

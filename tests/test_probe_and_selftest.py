@@ -50,6 +50,25 @@ def test_a_failing_probe_warns_with_the_kernel_and_the_error(probe_cache):
     assert not got["ok"] and "0.5" in got["error"]
 
 
+def test_a_failing_probe_is_recorded_and_not_run_again(probe_cache):
+    calls = []
+
+    def probe(backend, family, device):
+        calls.append((backend, family))
+        raise AssertionError("mcq indices: 12 of 512 differ")
+
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="failed its parity probe"):
+        assert not _probe.verdict("cuda", "mcq_search", cuda, probe)["ok"]
+    stored = json.loads((probe_cache / "probes.json").read_text())
+    row = stored["Fake GPU | sm_90 | torch x"]["cuda/mcq"]
+    assert row["ok"] is False and "12 of 512" in row["error"]
+    _probe.clear_memory()  # a new process reads the failed verdict and does not probe again
+    with pytest.warns(RuntimeWarning, match="12 of 512"):
+        assert not _probe.verdict("cuda", "mcq_quantize", cuda, probe)["ok"]
+    assert calls == [("cuda", "mcq")]
+
+
 def test_auto_on_gpu_follows_the_verdicts(probe_cache):
     cuda = torch.device("cuda")
     everything = lambda name, device: (True, "")  # noqa: E731

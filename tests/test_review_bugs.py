@@ -104,6 +104,7 @@ def _cache_problem(lengths, s_max=20, heads=4, kv_heads=2, dim=8, sq=1):
     return q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32)
 
 
+@pytest.mark.isa_independent  # the cpu backend here is ATen code
 @pytest.mark.parametrize("empty", [0, 1])
 @pytest.mark.parametrize(
     "backend", ["reference", "cpu"] + (["triton"] if triton_available() else [])

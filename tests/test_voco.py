@@ -12,6 +12,8 @@ from fastcompress._backend import triton_available
 from fastcompress.nn import HybridAnchorProjector, assemble_hybrid_sequence
 from fastcompress.voco import VocoLayout
 
+# voco_attention's cpu backend is torch code (segment matmuls), no C++ kernel.
+pytestmark = pytest.mark.isa_independent
 BACKENDS = ["reference", "cpu"] + (["triton"] if triton_available() else [])
 LAYOUTS = [
     VocoLayout(0, 21, 1, 9),

@@ -85,6 +85,20 @@ std::atomic<int64_t>& active_level() {
 
 int64_t isa_level() { return active_level().load(); }
 
+// Kernel calls per level since load: the tests check that a test parametrised with a
+// level ran its kernels at that level and at no other.
+std::atomic<int64_t> g_kernel_calls[4];
+
+int64_t count_call(int64_t level) {
+  g_kernel_calls[level].fetch_add(1, std::memory_order_relaxed);
+  return level;
+}
+
+int64_t kernel_calls(int64_t level) {
+  TORCH_CHECK(level >= 1 && level <= 3, "kernel_calls: level must be 1, 2 or 3, got ", level);
+  return g_kernel_calls[level].load(std::memory_order_relaxed);
+}
+
 int64_t max_isa_level() { return best_supported_level(); }
 
 bool avx512_emulated() { return kAvx512Emulated; }
@@ -99,7 +113,7 @@ void set_isa_level(int64_t level) {
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define FC_DISPATCH(KERNELS, FN, ...)                \
-  switch (isa_level()) {                             \
+  switch (count_call(isa_level())) {                 \
     case 3:                                          \
       return isa_avx512::KERNELS::FN(__VA_ARGS__);   \
     case 2:                                          \
@@ -108,7 +122,9 @@ void set_isa_level(int64_t level) {
       return isa_baseline::KERNELS::FN(__VA_ARGS__); \
   }
 #else
-#define FC_DISPATCH(KERNELS, FN, ...) return isa_baseline::KERNELS::FN(__VA_ARGS__);
+#define FC_DISPATCH(KERNELS, FN, ...) \
+  count_call(1);                      \
+  return isa_baseline::KERNELS::FN(__VA_ARGS__);
 #endif
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mcq_forward(
@@ -154,6 +170,7 @@ TORCH_LIBRARY(fastcompress_cpu, m) {
   m.def("max_isa_level() -> int", &fastcompress::max_isa_level);
   m.def("avx512_emulated() -> bool", &fastcompress::avx512_emulated);
   m.def("set_isa_level(int level) -> ()", &fastcompress::set_isa_level);
+  m.def("kernel_calls(int level) -> int", &fastcompress::kernel_calls);
   m.def("mcq_safety_net_hits() -> int", &fastcompress::mcq_safety_net_hits);
   m.def(
       "mcq_forward(Tensor z, Tensor book, Tensor bias, bool normalize, bool full)"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcompress import _backend, decode_step
+from fastcompress._validate import raise_nonfinite
 from fastcompress.decode import decode_attention
 
 
@@ -169,7 +170,13 @@ class ARDecompressor(nn.Module):
             x = x + local[:, :length]
         for block, (ctx_k, ctx_v) in zip(self.blocks, self.context_kv(context), strict=True):
             x = block(x, ctx_k, ctx_v)
-        return self.head(self.norm(x))
+        return self._checked(self.head(self.norm(x)), tokens=tokens, context=context)
+
+    def _checked(self, out: Tensor, **inputs: Tensor) -> Tensor:
+        """``out``, after a ValueError naming the input or parameter if it is not finite."""
+        if torch.compiler.is_compiling() or bool(torch.isfinite(out).all()):
+            return out
+        raise_nonfinite("ARDecompressor", [*inputs.items(), *self.named_parameters()])
 
     @torch.no_grad()
     def generate(
@@ -231,20 +238,26 @@ class ARDecompressor(nn.Module):
         if _backend.requested_backend(self.backend) in ("auto", "cpu"):
             if decode_step.unsupported_reason(self, context) is None:
                 step = self._fused_step(caches, cross)
+                _backend.record("cpu")
         out = torch.empty(batch, steps, self.dim, device=device, dtype=dtype)
         iterator = range(steps)
         if progress:
             from fastcompress._progress import progress as progress_bar
 
             iterator = progress_bar(iterator, desc="generate", unit="tok")
-        for t in iterator:
-            y = step(x, t)
-            if quantize is not None:
-                y = quantize(y)
-            out[:, t] = y[:, 0]
-            if t + 1 < steps:
-                x = (y + self.pos[t + 1] + local[:, t + 1 : t + 2]).contiguous()
-        return out
+        try:
+            for t in iterator:
+                y = step(x, t)
+                if quantize is not None:
+                    y = quantize(y)
+                out[:, t] = y[:, 0]
+                if t + 1 < steps:
+                    x = (y + self.pos[t + 1] + local[:, t + 1 : t + 2]).contiguous()
+        except ValueError as exc:  # NaN reached an op's check: name where it came from
+            if "NaN or inf" in str(exc):
+                raise_nonfinite("ARDecompressor", [("context", context), *self.named_parameters()])
+            raise
+        return self._checked(out, context=context)
 
     def _fused_step(
         self, caches: list[tuple[Tensor, Tensor]], cross: list[tuple[Tensor, Tensor]]

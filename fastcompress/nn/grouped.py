@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcompress._autocast import float32_under_autocast
+from fastcompress._validate import check_finite, check_finite_number
 from fastcompress.mcq import mcq_search
 
 USAGE_WINDOW = 65536  # MGVQ's codebook_used: the last 65536 indices of each group
@@ -69,6 +70,7 @@ class GroupedQuantizer(nn.Module):
         super().__init__()
         if groups <= 0 or n_e % groups:
             raise ValueError(f"n_e={n_e} must be divisible by groups={groups}")
+        beta = check_finite_number("beta", beta)
         self.n_e, self.e_dim, self.beta, self.groups = n_e, e_dim, beta, groups
         self.l2_norm, self.show_usage = l2_norm, show_usage
         self.n_e_group = n_e // groups
@@ -97,6 +99,7 @@ class GroupedQuantizer(nn.Module):
                 f"z must be (B, groups * e_dim = {self.groups * self.e_dim}, H, W), "
                 f"got {tuple(z_groups.shape)}"
             )
+        check_finite_number("beta", self.beta)
         # One uniform draw per forward, as MGVQ takes it, so that a training script's
         # random stream (and so the re-seeding draws below) stays the same.
         mask_draw = float(torch.rand(1))
@@ -149,6 +152,9 @@ class GroupedQuantizer(nn.Module):
     ) -> Tensor:
         """The usage window, the usage EMA ``embed_prob`` and MGVQ's re-seeding of rarely
         used codes, group by group in MGVQ's order (so the multinomial draws match)."""
+        # The EMA buffer feeds the re-seeding of the embedding: NaN there (a damaged state
+        # dict) would spread into the weights without a word.
+        check_finite("GroupedQuantizer: embed_prob", self.embed_prob)
         usage = z.new_zeros(self.groups)
         rows = indices.shape[0]
         for g in range(self.groups):
@@ -192,6 +198,20 @@ class GroupedQuantizer(nn.Module):
         """MGVQ's lookup: ``indices (B, L, G)`` -> ``(B, L, C)``; groups ``>= groups_to_use``
         give zeros (MGVQ's default 0 zeroes every group). ``shape (B, C, H, W)`` reshapes,
         channel-first or not."""
+        if not isinstance(indices, Tensor) or indices.dtype.is_floating_point:
+            raise TypeError(f"indices must be an integer tensor, got {indices!r:.80}")
+        if indices.dim() < 1 or indices.shape[-1] != self.groups:
+            raise ValueError(
+                f"indices must be (..., groups={self.groups}), got shape {tuple(indices.shape)}"
+            )
+        if indices.numel():
+            low, high = int(indices.min()), int(indices.max())
+            # -1 is what forward returns for a masked group; MGVQ reads it as the last row.
+            if low < -1 or high >= self.n_e_group:
+                raise ValueError(
+                    f"indices must lie in [0, {self.n_e_group}) (n_e / groups; -1 marks a "
+                    f"masked group), found values in [{low}, {high}]"
+                )
         books = self.group_codebooks()
         if self.l2_norm:
             books = F.normalize(books, dim=-1)

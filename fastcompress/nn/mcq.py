@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcompress._validate import check_finite_number
 from fastcompress.mcq import MCQOutput, mcq_dequantize, mcq_quantize, mcq_search
 
 
@@ -97,7 +98,8 @@ class MultiCodebookQuantizer(nn.Module):
                 f"be divisible by num_codebooks={num_codebooks}"
             )
         self.num_codebooks = num_codebooks
-        self.beta = beta
+        self.beta = check_finite_number("beta", beta)
+        check_finite_number("entropy_temp", entropy_temp)
         self.use_entropy_loss = use_entropy_loss
         self.entropy_temp = entropy_temp
         self.normalize = normalize
