@@ -22,6 +22,10 @@ GPU_CANDIDATES = {
     "mcq_search": ("cuda", "triton"),
     "mcq_quantize": ("cuda", "triton"),
     "mcq_quantize backward": ("triton",),
+    # The entropy loss's forward and backward share the mcq verdict (its probe runs the
+    # loss), so they always resolve to the same backend: their row statistics agree.
+    "mcq_entropy_loss": ("triton",),
+    "mcq_entropy_loss backward": ("triton",),
     "compress": ("triton",),
     "decode_attention": ("triton",),
     "voco_attention": ("triton",),

@@ -210,7 +210,7 @@ def build_once(
         private = pathlib.Path(tempfile.mkdtemp(prefix=f".build-{kind}-{key}-", dir=base))
         if announce:
             announce(final)
-        built = build(private)
+        built = pathlib.Path(build(private))
         if built.name != name:
             built.rename(private / name)
         library = private / name

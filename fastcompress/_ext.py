@@ -1,7 +1,8 @@
 """Loading the C++ extensions.
 
-The CPU extension is built just in time on first use (ninja, under a file lock, so two
-processes never build at once) into ``FASTCOMPRESS_CACHE_DIR/cpu-<key>``, where the key
+The CPU extension is built just in time on first use (ninja, in a private folder moved
+into place when complete; ``_cache.py`` has the rules that keep a shared or damaged cache
+safe) into ``FASTCOMPRESS_CACHE_DIR/cpu-<key>``, where the key
 hashes the sources, flags, torch, Python, compiler and architecture (``_build.py``). An
 ahead-of-time build (``FASTCOMPRESS_AOT=1 pip install``) is used instead while its key
 still matches. Either holds every ISA level; the level that runs is the CPU's best
@@ -59,6 +60,8 @@ def jit_build_dir() -> pathlib.Path:
 def _prebuilt_cpu_library() -> str | None:
     if avx512_emulation_requested():
         return None  # the ahead-of-time build is never the emulating one
+    if os.environ.get("FASTCOMPRESS_IGNORE_AOT", "0") == "1":
+        return None  # the just-in-time cache even where an AOT library is installed
     spec = importlib.util.find_spec("fastcompress._C_cpu")
     if spec is None or spec.origin is None:
         return None

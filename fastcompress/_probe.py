@@ -26,6 +26,8 @@ FAMILIES = {
     "mcq_search": "mcq",
     "mcq_quantize": "mcq",
     "mcq_quantize backward": "mcq",
+    "mcq_entropy_loss": "mcq",
+    "mcq_entropy_loss backward": "mcq",
     "compress": "compress",
     "decode_attention": "decode_attention",
     "voco_attention": "voco",

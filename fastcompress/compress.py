@@ -80,9 +80,12 @@ def _check_attention(
     for name, value in (
         ("queries", queries),
         ("in_proj_weight", in_proj_weight),
+        ("in_proj_bias", in_proj_bias),
         ("out_proj_weight", out_proj_weight),
+        ("out_proj_bias", out_proj_bias),
     ):
-        check_same(name, value, "x", x)
+        if value is not None:
+            check_same(name, value, "x", x)
 
 
 def fold_queries(
@@ -174,6 +177,13 @@ def _meta_context_pool_impl(
 ) -> tuple[Tensor, Tensor]:
     check_context_pool_args(x, folded, grid_h, grid_w, stride)
     name = select_backend(x.device, backend, op="compress")
+    # NaN in a folded query might be dropped by a kernel's running max instead of
+    # propagating: checked here (M x d floats), before any kernel.
+    if not bool(torch.isfinite(folded).all()):
+        raise ValueError(
+            "compress: queries, in_proj_weight or in_proj_bias contains NaN or inf "
+            "(the folded queries are not finite)"
+        )
     if name == "triton":
         from fastcompress.triton_kernels.compress import unsupported_reason
 
@@ -201,11 +211,6 @@ def _meta_context_pool_impl(
     # (B, M, d) context: checking it replaces a pass over X (which cost as much as the
     # whole op at d = 64). Raised before anything is returned.
     if context.numel() and not bool(torch.isfinite(context).all()):
-        if not bool(torch.isfinite(folded).all()):
-            raise ValueError(
-                "compress: queries, in_proj_weight or in_proj_bias contains NaN or inf "
-                "(the folded queries are not finite)"
-            )
         check_finite("x", x)
         raise ValueError("compress: the attention scores overflow float32 (x is too large)")
     return context, pooled
@@ -368,9 +373,20 @@ def _attend_unchecked(
     queries, in_w, in_b, out_w, out_b, num_heads = weights
     if requested_backend(backend) == "reference":  # traced code too: no lock, no probe
         record("reference")
+        if not torch.compiler.is_compiling():
+            # torch's attention may drop a NaN score instead of propagating it, so the
+            # output check below cannot see every NaN argument here: check them all.
+            _name_nonfinite(x, weights, then_raise=False)
         meta = meta_token_attention_reference(x, *weights)
         pooled = pool_compress_reference(x, grid, stride) if stride else x[:, :0]
         return meta, pooled
+    if not torch.compiler.is_compiling():
+        select_backend(x.device, backend, op="compress")  # a forced backend fails here
+        # Small, and not all of them reach the result (the key bias cancels).
+        small = (("queries", queries), ("in_proj_bias", in_b), ("out_proj_bias", out_b))
+        for name, value in small:
+            if value is not None:
+                check_finite(name, value)
     if _inference_in_one_call(x, weights, backend):
         return torch.ops.fastcompress_cpu.compress_forward(
             x.contiguous(), queries, in_w, in_b, out_w, out_b, num_heads, *grid, stride
@@ -381,9 +397,10 @@ def _attend_unchecked(
     return meta.to(x.dtype), pooled
 
 
-def _name_nonfinite(x: Tensor, weights: tuple) -> None:
+def _name_nonfinite(x: Tensor, weights: tuple, then_raise: bool = True) -> None:
     """Raise a ValueError naming the first argument that holds NaN or inf (called once a
-    result was found not finite; every backend gives the same message)."""
+    result was found not finite; every backend gives the same message). With
+    ``then_raise=False`` it only checks."""
     queries, in_w, in_b, out_w, out_b, _ = weights
     named = (
         ("queries", queries),
@@ -396,6 +413,8 @@ def _name_nonfinite(x: Tensor, weights: tuple) -> None:
     for name, value in named:
         if value is not None:
             check_finite(name, value)
+    if not then_raise:
+        return
     raise ValueError(
         "compress: the result is not finite although no argument holds NaN or inf: the "
         "attention scores overflow float32 (x or the weights are too large)"

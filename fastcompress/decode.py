@@ -176,8 +176,16 @@ def check_decode_args(
         raise ValueError(
             f"q has H={heads} heads, not a multiple of the caches' H_kv={k_cache.shape[2]}"
         )
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must share strides with a contiguous last dim")
+    # Strides of size-1 dims (and of empty caches) address nothing: only the rest must
+    # agree between the caches, which the kernels index with one set of strides.
+    used = [i for i, size in enumerate(k_cache.shape) if size > 1] if k_cache.numel() else []
+    if any(k_cache.stride(i) != v_cache.stride(i) for i in used) or (
+        3 in used and k_cache.stride(3) != 1
+    ):
+        raise ValueError(
+            f"k_cache and v_cache must share strides with a contiguous last dim, got "
+            f"{k_cache.stride()} and {v_cache.stride()}"
+        )
     check_same("k_cache", k_cache, "v_cache", v_cache)
     if k_cache.device != q.device:
         raise ValueError(f"k_cache is on {k_cache.device} but q is on {q.device}")
@@ -233,6 +241,7 @@ def _decode_attention_impl(
     s_max = k_cache.shape[1]
     new = 0 if k is None else k.shape[1]
     lengths = cache_seqlens.to(torch.int32) + new
+    name = select_backend(q.device, backend, op="decode_attention")
     on_cpu = q.device.type == "cpu"  # data-dependent checks; on GPU they would sync
     if on_cpu and batch:
         if int(cache_seqlens.min()) < 0 or int(lengths.max()) > s_max:
@@ -245,7 +254,6 @@ def _decode_attention_impl(
         if k is not None:
             check_finite("k", k)
             check_finite("v", v)
-    name = select_backend(q.device, backend, op="decode_attention")
     if name == "triton":
         from fastcompress.triton_kernels.decode_attention import unsupported_reason
 

@@ -29,13 +29,12 @@ from fastcompress._validate import (
     check_same,
     check_tensor,
 )
+from fastcompress.entropy import entropy_loss
 from fastcompress.reference.mcq import (
     compute_dtype,
     mcq_quantize_reference,
     mcq_search_reference,
 )
-
-_ENTROPY_CHUNK_ELEMENTS = 1 << 22  # rows x K per chunk of the entropy passes (16 MiB)
 
 
 class MCQOutput(NamedTuple):
@@ -118,9 +117,9 @@ def _forward(
     """(indices, z_q, counts, vq_loss) on the selected backend; z_q etc. only when full."""
     check_op_args(z, codebooks)
     check_finite_number("beta", beta)
+    name = select_backend(z.device, backend, op=op)
     check_finite("z", z)
     check_finite("codebooks", codebooks)
-    name = select_backend(z.device, backend, op=op)
     groups, vocab, dim = codebooks.shape
     n = z.shape[0]
     if name == "reference":
@@ -253,104 +252,8 @@ def mcq_backward_torch(
 _mcq_quantize_op.register_autograd(_quantize_backward, setup_context=_quantize_setup_context)
 
 
-# -------------------------------------- entropy loss: row-chunked torch, two-pass gradient
-
-
-def _entropy_chunks(n: int, vocab: int) -> int:
-    return max(1, min(n, _ENTROPY_CHUNK_ELEMENTS // max(vocab, 1)))
-
-
-def _entropy_logits(chunk: Tensor, book: Tensor, inv_temp: float) -> Tensor:
-    dist = chunk.square().sum(1, keepdim=True) + book.square().sum(1)
-    return torch.addmm(dist, chunk, book.T, alpha=-2, beta=1).mul_(-inv_temp)
-
-
-def check_entropy_args(chunks: Tensor, book: Tensor, inv_temp: float) -> None:
-    check_tensor("chunks", chunks, ndim=3, dtypes=(torch.float32,))
-    check_tensor("book", book, ndim=3, dtypes=(torch.float32,))
-    if book.shape[0] != chunks.shape[1] or book.shape[2] != chunks.shape[2] or not book.shape[1]:
-        raise ValueError(
-            f"book must be (G={chunks.shape[1]}, K > 0, d={chunks.shape[2]}) for chunks "
-            f"(N, G, d) {tuple(chunks.shape)}, got {tuple(book.shape)}"
-        )
-    if book.device != chunks.device:
-        raise ValueError(f"book is on {book.device} but chunks is on {chunks.device}")
-    if not check_finite_number("inv_temp", inv_temp) > 0:
-        raise ValueError(f"inv_temp (1 / entropy_temp) must be > 0, got {inv_temp}")
-
-
-@torch.library.custom_op("fastcompress::mcq_entropy_loss", mutates_args=())
-def _mcq_entropy_op(chunks: Tensor, book: Tensor, inv_temp: float) -> tuple[Tensor, Tensor]:
-    """``chunks (N, G, d)`` and ``book (G, K, d)`` float32 -> (loss (), mean prob (G, K)).
-
-    Row tiles of ``_ENTROPY_CHUNK_ELEMENTS / K`` rows: the N x K matrix never exists.
-    """
-    check_entropy_args(chunks, book, inv_temp)
-    n, groups, _ = chunks.shape
-    vocab = book.shape[1]
-    avg = chunks.new_zeros(groups, vocab)
-    per_sample = chunks.new_zeros(groups, dtype=torch.float64)
-    step = _entropy_chunks(n, vocab)
-    for g in range(groups):
-        for r0 in range(0, n, step):
-            logits = _entropy_logits(chunks[r0 : r0 + step, g], book[g], inv_temp)
-            log_p = logits.log_softmax(-1)
-            p = log_p.exp()
-            per_sample[g] += (-(p * log_p).sum(-1)).double().sum()
-            avg[g] += p.sum(0)
-    avg /= max(n, 1)
-    codebook_entropy = (-avg * torch.log(avg + 1e-7)).sum(-1)
-    loss = (per_sample / max(n, 1)).float() - codebook_entropy
-    return loss.mean(), avg
-
-
-@_mcq_entropy_op.register_fake
-def _(chunks, book, inv_temp):
-    check_entropy_args(chunks, book, inv_temp)
-    return chunks.new_empty(()), chunks.new_empty((book.shape[0], book.shape[1]))
-
-
-def _entropy_setup_context(ctx, inputs, output):
-    chunks, book, inv_temp = inputs
-    ctx.save_for_backward(chunks, book, output[1])
-    ctx.inv_temp = inv_temp
-    ctx.mark_non_differentiable(output[1])
-
-
-@without_autocast
-def _entropy_backward(ctx, grad_loss, _grad_avg):
-    chunks, book, avg = ctx.saved_tensors
-    n, groups, _ = chunks.shape
-    vocab = book.shape[1]
-    # d(codebook entropy)/d(avg_k); the batch-mean term couples rows only through it.
-    w = -torch.log(avg + 1e-7) - avg / (avg + 1e-7)
-    coef = grad_loss / (max(n, 1) * groups)
-    grad_chunks = torch.zeros_like(chunks)
-    grad_book = torch.zeros_like(book)
-    step = _entropy_chunks(n, vocab)
-    two_inv_temp = 2.0 * ctx.inv_temp
-    for g in range(groups):
-        for r0 in range(0, n, step):
-            chunk = chunks[r0 : r0 + step, g]
-            log_p = _entropy_logits(chunk, book[g], ctx.inv_temp).log_softmax(-1)
-            p = log_p.exp()
-            entropy = -(p * log_p).sum(-1, keepdim=True)
-            mixed = (p * w[g]).sum(-1, keepdim=True)
-            grad_logits = -coef * p * ((log_p + entropy) + (w[g] - mixed))
-            row_sum = grad_logits.sum(-1, keepdim=True)
-            grad_chunks[r0 : r0 + step, g] = two_inv_temp * (
-                grad_logits @ book[g] - chunk * row_sum
-            )
-            grad_book[g] += two_inv_temp * (
-                grad_logits.T @ chunk - book[g] * grad_logits.sum(0)[:, None]
-            )
-    return grad_chunks, grad_book, None
-
-
-_mcq_entropy_op.register_autograd(_entropy_backward, setup_context=_entropy_setup_context)
-
 _LIB = torch.library.Library("fastcompress", "FRAGMENT")
-for _name in ("mcq_search", "mcq_quantize", "mcq_entropy_loss"):
+for _name in ("mcq_search", "mcq_quantize"):
     register_float32_autocast(_LIB, _name)
 
 
@@ -479,7 +382,7 @@ def mcq_quantize(
     if entropy_temp is not None:
         chunks, _ = _split_norm(rows.float().view(-1, groups, dim), normalize)
         book, _ = _split_norm(books.float(), normalize)
-        entropy = _mcq_entropy_op(chunks, book, 1.0 / entropy_temp)[0]
+        entropy = entropy_loss(chunks, book, 1.0 / entropy_temp, backend)
     return MCQOutput(
         _restore(z_q, z, channel_dim),
         idx.reshape(_index_shape(z, channel_dim, groups)),
@@ -528,6 +431,8 @@ def mcq_dequantize(
         raise ValueError(f"indices is on {indices.device} but codebooks is on {books.device}")
     if indices.dim() < 1 or indices.shape[-1] != groups:
         raise ValueError(f"indices must be (..., G={groups}), got shape {tuple(indices.shape)}")
+    if not torch.compiler.is_compiling():
+        check_finite("codebooks", books)
     if indices.numel() and not torch.compiler.is_compiling():
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= vocab:

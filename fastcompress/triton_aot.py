@@ -185,6 +185,25 @@ def kernel_configs():
                     dict(num_warps=voco.NUM_WARPS, num_stages=2),
                 )
             )
+    from fastcompress.triton_kernels import entropy
+
+    # UniTok (d = 8) and MGVQ (d = 4) codebooks; D_PAD = 16 for both.
+    for dim in (4, 8):
+        stat_ptrs = {"chunks_ptr": "*fp32", "book_ptr": "*fp32", "stats_ptr": "*fp32"}
+        kernels = (
+            ("forward", entropy.entropy_forward_kernel, entropy.FORWARD_CONFIG,
+             {"p_sums_ptr": "*fp32", "h_sums_ptr": "*fp32", "n_rows": "i32", "vocab": "i32"}),
+            ("backward rows", entropy.entropy_backward_rows_kernel, entropy.BACKWARD_CONFIG,
+             {"w_ptr": "*fp32", "shift_ptr": "*fp32", "mean_ptr": "*fp32",
+              "grad_chunks_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "coef": "fp32"}),
+            ("backward codes", entropy.entropy_backward_codes_kernel, entropy.BACKWARD_CONFIG,
+             {"w_ptr": "*fp32", "shift_ptr": "*fp32", "gz_ptr": "*fp32", "gs_ptr": "*fp32",
+              "n_rows": "i32", "vocab": "i32", "coef": "fp32"}),
+        )  # fmt: skip
+        for label, fn, config, rest in kernels:
+            blocks, opts = split(config)
+            const = dict(D=dim, D_PAD=16, **blocks)
+            configs.append((f"entropy {label} d={dim}", fn, {**stat_ptrs, **rest}, const, opts))
     return configs
 
 

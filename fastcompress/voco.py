@@ -286,9 +286,9 @@ def _voco_attention_op(
     check_voco_args(q, k, v, layout)
     check_finite_number("scale", scale)
     heads = q.shape[1]
-    for name, value in (("q", q), ("k", k), ("v", v)):
-        check_finite(name, value)
     name = select_backend(q.device, backend, op="voco_attention")
+    for arg, value in (("q", q), ("k", k), ("v", v)):
+        check_finite(arg, value)
     if name == "reference":
         return voco_attention_reference(q, k, v, layout, scale)
     if name == "cuda":

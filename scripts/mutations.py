@@ -1,10 +1,10 @@
 """Mutation testing of the kernels: apply one plausible bug at a time, run the tests that
 should catch it, restore the file. A mutation that no test catches is a blind spot.
 
-    python scripts/mutations.py            # all mutations (about 10 minutes on 2 cores)
+    python scripts/mutations.py            # all mutations (about 20 minutes on 2 cores)
     python scripts/mutations.py pool-store # the ones whose id contains the word
 
-The list grows with every review (issue 16 added the last ones); the results of the
+The list grows with every review (issue 26 added the last ones); the results of the
 latest run are in benchmarks/NOTES.md ("Mutation testing").
 """
 
@@ -169,6 +169,97 @@ MUTATIONS = [
         "weight = torch.exp(lse - safe.unsqueeze(1)).nan_to_num(0.0)",
         "weight = torch.ones_like(lse) / lse.shape[1]",
         ("tests/test_decode.py",),
+    ),
+]
+
+
+# Issue 26 (trust): each defect it found, put back, must fail a test again.
+MUTATIONS += [
+    Mutation(
+        "odd-block-tail-drops-last-code",
+        "csrc/cpu/mcq_kernels.inc",
+        "for (; k < k_end; ++k) fold_codes<D, RV, 1, kBias>",
+        "for (; k + 1 < k_end; ++k) fold_codes<D, RV, 1, kBias>",
+        ("tests/test_mcq_ops.py",),
+    ),
+    Mutation(
+        "isa-fixture-runs-the-best-level",
+        "tests/conftest.py",
+        "        with _ext.forced_cpu_isa(level):",
+        "        with _ext.forced_cpu_isa(_ext.cpu_isa()):",
+        ("tests/test_mcq_ops.py",),
+    ),
+    Mutation(
+        "decode-cpu-reads-strided-q",
+        "fastcompress/decode.py",
+        "    queries = queries.to(dtype).contiguous()",
+        "    queries = queries.to(dtype)",
+        ("tests/test_trust.py",),
+    ),
+    Mutation(
+        "decode-empty-query-reaches-the-kernel",
+        "fastcompress/decode.py",
+        "    if q.numel() == 0:  # no query",
+        "    if False:  # no query",
+        ("tests/test_trust.py",),
+    ),
+    Mutation(
+        "cache-loads-without-checksum",
+        "fastcompress/_cache.py",
+        "    if sha256(library) != want or elf_truncation(library):",
+        "    if False:",
+        ("tests/test_cache_faults.py::test_truncated_and_altered_libraries_are_not_verified",),
+    ),
+    Mutation(
+        "cache-trusts-any-owner",
+        "fastcompress/_cache.py",
+        '    if not hasattr(os, "getuid"):  # no POSIX ownership',
+        "    if True:  # no POSIX ownership",
+        ("tests/test_cache_faults.py::test_a_cache_folder_others_control_is_refused",),
+    ),
+    Mutation(
+        "cache-needs-a-lock-to-load",
+        "fastcompress/_cache.py",
+        '    final = root() / f"{kind}-{key}"\n    if verified_library(final, name):\n'
+        "        return final / name, False\n",
+        '    final = root() / f"{kind}-{key}"\n',
+        ("tests/test_cache_faults.py::test_a_read_only_cache_with_a_complete_build_is_used",),
+    ),
+    Mutation(
+        "compress-blames-x-for-queries",
+        "fastcompress/compress.py",
+        "        for name, value in small:",
+        "        for name, value in ():",
+        ("tests/test_trust.py",),
+    ),
+    Mutation(
+        "nan-beta-accepted",
+        "fastcompress/mcq.py",
+        '    beta = check_finite_number("beta", beta)\n    if entropy_temp',
+        "    if entropy_temp",
+        ("tests/test_trust.py",),
+    ),
+    Mutation(
+        "failed-probe-not-recorded",
+        "fastcompress/_probe.py",
+        "            _save(key, backend, family, stored)",
+        '            if stored["ok"]:\n                _save(key, backend, family, stored)',
+        ("tests/test_probe_and_selftest.py",),
+    ),
+    Mutation(
+        "checkpoint-shapes-unchecked",
+        "fastcompress/pipeline.py",
+        "        if tuple(state[key].shape) != shape:",
+        "        if False:",
+        ("tests/test_pipeline.py",),
+    ),
+    Mutation(
+        "qemu-child-inherits-the-core-type",
+        "tests/test_cpu_isa.py",
+        '    env["OPENBLAS_CORETYPE"] = "Prescott"',
+        "    pass",
+        ("tests/test_cpu_isa.py::test_the_library_runs_on_an_x86_64_cpu_without_avx",),
+        (("OPENBLAS_CORETYPE", "Haswell"),),  # as on the Zen 5 machines of this kind
     ),
 ]
 

@@ -73,10 +73,10 @@ def test_direct_op_calls_under_autocast_are_float32():
     z, books = make_problem(300, 4, 128, 8, seed=9)
     chunks = F.normalize(z.view(-1, 4, 8), dim=-1).requires_grad_()
     unit = F.normalize(books, dim=-1).requires_grad_()
-    want = torch.ops.fastcompress.mcq_entropy_loss(chunks, unit, 100.0)[0]
+    want = torch.ops.fastcompress.mcq_entropy_loss(chunks, unit, 100.0, "")[0]
     want_grads = torch.autograd.grad(want, (chunks, unit))
     with _autocast():
-        got = torch.ops.fastcompress.mcq_entropy_loss(chunks, unit, 100.0)[0]
+        got = torch.ops.fastcompress.mcq_entropy_loss(chunks, unit, 100.0, "")[0]
         idx = torch.ops.fastcompress.mcq_search(z.bfloat16(), books, True, "")
     got_grads = torch.autograd.grad(got, (chunks, unit))
     assert got.dtype == torch.float32

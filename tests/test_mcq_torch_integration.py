@@ -17,11 +17,14 @@ def test_opcheck_quantize_and_search(backend):
     torch.library.opcheck(mcq._mcq_search_op, (z.detach(), books.detach(), False, backend))
 
 
-def test_opcheck_entropy():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck_entropy(backend):
+    from fastcompress import entropy
+
     z, books = make_problem(20, 2, 30, 4, seed=2)
     chunks = torch.nn.functional.normalize(z.view(20, 2, 4), dim=-1).requires_grad_()
     book = torch.nn.functional.normalize(books, dim=-1).requires_grad_()
-    torch.library.opcheck(mcq._mcq_entropy_op, (chunks, book, 10.0))
+    torch.library.opcheck(entropy.entropy_op, (chunks, book, 10.0, backend))
 
 
 class TinyTokenizer(torch.nn.Module):

@@ -10,6 +10,7 @@
 
 #include "context_pool_kernels.inc"
 #include "decode_step_kernels.inc"
+#include "entropy_kernels.inc"
 #include "mcq_kernels.inc"
 
 #pragma GCC pop_options

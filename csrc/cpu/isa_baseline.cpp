@@ -7,4 +7,5 @@
 
 #include "context_pool_kernels.inc"
 #include "decode_step_kernels.inc"
+#include "entropy_kernels.inc"
 #include "mcq_kernels.inc"

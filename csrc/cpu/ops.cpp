@@ -39,6 +39,17 @@ namespace fastcompress {
       const c10::optional<at::Tensor>& out_proj_bias, int64_t num_heads, int64_t grid_h,         \
       int64_t grid_w, int64_t stride);                                                           \
   }                                                                                              \
+  namespace entropy_kernels {                                                                    \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_forward(const at::Tensor& chunks,       \
+                                                                 const at::Tensor& book,         \
+                                                                 double inv_temp);               \
+  std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& chunks,                  \
+                                                      const at::Tensor& book,                    \
+                                                      const at::Tensor& mean_p,                  \
+                                                      const at::Tensor& stats, double inv_temp,  \
+                                                      double grad);                              \
+  at::Tensor simd_exp2(const at::Tensor& x);                                                     \
+  }                                                                                              \
   namespace decode_step_kernels {                                                                \
   at::Tensor decoder_step(const at::Tensor& x, at::TensorList params, at::TensorList cache_k,    \
                           at::TensorList cache_v, at::TensorList ctx_k, at::TensorList ctx_v,    \
@@ -155,6 +166,20 @@ std::tuple<at::Tensor, at::Tensor> compress_forward(const at::Tensor& x, const a
     FC_DISPATCH(context_pool_kernels, compress_forward, x, queries, in_proj_weight, in_proj_bias,
                 out_proj_weight, out_proj_bias, num_heads, grid_h, grid_w, stride)}
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_forward(const at::Tensor& chunks,
+                                                               const at::Tensor& book,
+                                                               double inv_temp){
+    FC_DISPATCH(entropy_kernels, entropy_forward, chunks, book, inv_temp)}
+
+std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& chunks,
+                                                    const at::Tensor& book,
+                                                    const at::Tensor& mean_p,
+                                                    const at::Tensor& stats, double inv_temp,
+                                                    double grad){
+    FC_DISPATCH(entropy_kernels, entropy_backward, chunks, book, mean_p, stats, inv_temp, grad)}
+
+at::Tensor simd_exp2(const at::Tensor& x){FC_DISPATCH(entropy_kernels, simd_exp2, x)}
+
 at::Tensor decoder_step(const at::Tensor& x, at::TensorList params, at::TensorList cache_k,
                         at::TensorList cache_v, at::TensorList ctx_k, at::TensorList ctx_v,
                         int64_t position, int64_t heads, double eps, bool gelu_tanh) {
@@ -185,6 +210,14 @@ TORCH_LIBRARY(fastcompress_cpu, m) {
       " Tensor out_proj_weight, Tensor? out_proj_bias, int num_heads, int grid_h, int grid_w,"
       " int stride) -> (Tensor, Tensor)");
   m.impl("compress_forward", c10::DispatchKey::CPU, TORCH_FN(fastcompress::compress_forward));
+  m.def("entropy_forward(Tensor chunks, Tensor book, float inv_temp) -> (Tensor, Tensor, Tensor)");
+  m.impl("entropy_forward", c10::DispatchKey::CPU, TORCH_FN(fastcompress::entropy_forward));
+  m.def(
+      "entropy_backward(Tensor chunks, Tensor book, Tensor mean_p, Tensor stats, float inv_temp,"
+      " float grad) -> (Tensor, Tensor)");
+  m.impl("entropy_backward", c10::DispatchKey::CPU, TORCH_FN(fastcompress::entropy_backward));
+  m.def("simd_exp2(Tensor x) -> Tensor");
+  m.impl("simd_exp2", c10::DispatchKey::CPU, TORCH_FN(fastcompress::simd_exp2));
   m.def(
       "decoder_step(Tensor x, Tensor[] params, Tensor(a!)[] cache_k, Tensor(b!)[] cache_v, "
       "Tensor[] ctx_k, Tensor[] ctx_v, int position, int heads, float eps, bool gelu_tanh) "

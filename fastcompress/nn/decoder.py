@@ -157,6 +157,7 @@ class ARDecompressor(nn.Module):
 
     def forward(self, tokens: Tensor, context: Tensor) -> Tensor:
         self._check_context(context)
+        self._check_finite(tokens=tokens, context=context)
         batch, length, dim = tokens.shape
         if dim != self.dim or length > self.num_tokens or context.shape[0] != batch:
             raise ValueError(
@@ -171,6 +172,17 @@ class ARDecompressor(nn.Module):
         for block, (ctx_k, ctx_v) in zip(self.blocks, self.context_kv(context), strict=True):
             x = block(x, ctx_k, ctx_v)
         return self._checked(self.head(self.norm(x)), tokens=tokens, context=context)
+
+    def _check_finite(self, **inputs: Tensor) -> None:
+        """NaN or inf in an input or a parameter is an error naming it: attention kernels
+        may drop a NaN score instead of propagating it, so the output alone cannot tell.
+        One sum per tensor (small beside a forward); named only on the error path."""
+        if torch.compiler.is_compiling():
+            return
+        named = [*inputs.items(), *self.named_parameters()]
+        sums = torch.stack([t.detach().sum(dtype=torch.float64) for _, t in named])
+        if not bool(torch.isfinite(sums).all()):  # float64: no overflow from finite values
+            raise_nonfinite("ARDecompressor", named)
 
     def _checked(self, out: Tensor, **inputs: Tensor) -> Tensor:
         """``out``, after a ValueError naming the input or parameter if it is not finite."""
@@ -191,6 +203,7 @@ class ARDecompressor(nn.Module):
         the cross-attention K/V computed once. ``quantize`` maps each generated token
         ``(B, 1, dim)`` to what is fed back (e.g. ``lambda y: quantizer(y)[0]``)."""
         self._check_context(context)
+        self._check_finite(context=context)
         steps = self.num_tokens if num_tokens is None else num_tokens
         if not 0 < steps <= self.num_tokens:
             raise ValueError(
