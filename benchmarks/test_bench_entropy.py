@@ -9,7 +9,6 @@ dense N x K matrix per codebook, plus the same search), all on the same inputs.
 """
 
 import pytest
-import torch
 from isa_levels import at_level, cpu_impls
 
 from fastcompress import bench
