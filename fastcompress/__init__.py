@@ -1,6 +1,7 @@
 """fastcompress: fused kernels for visual-token compression in unified multimodal models."""
 
 from fastcompress._backend import BackendUnavailableError, available_backends
+from fastcompress._version import __version__ as __version__
 from fastcompress.compress import compress, meta_token_attention, pool_compress
 from fastcompress.decode import decode_attention
 from fastcompress.mcq import MCQOutput, mcq_dequantize, mcq_quantize, mcq_search
@@ -11,8 +12,6 @@ from fastcompress.voco import (
     voco_mask,
     voco_mask_mod,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",

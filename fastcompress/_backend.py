@@ -11,25 +11,32 @@ import collections
 import functools
 import importlib.util
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 # GPU kernels that `auto` may use, per op: each only after its on-device parity probe
-# passed on this GPU model with these versions (fastcompress/_probe.py).
-GPU_CANDIDATES = {
-    "mcq_search": ("cuda", "triton"),
-    "mcq_quantize": ("cuda", "triton"),
-    "mcq_quantize backward": ("triton",),
-    # The entropy loss's forward and backward share the mcq verdict (its probe runs the
-    # loss), so they always resolve to the same backend: their row statistics agree.
-    "mcq_entropy_loss": ("triton",),
-    "mcq_entropy_loss backward": ("triton",),
-    "compress": ("triton",),
-    "decode_attention": ("triton",),
-    "voco_attention": ("triton",),
-}
+# passed on this GPU model with these versions (fastcompress/_probe.py). Filled by the
+# op modules themselves (declare_gpu_kernels), beside their parity cases.
+GPU_CANDIDATES: dict[str, tuple[str, ...]] = {}
+
+
+def declare_gpu_kernels(
+    family: str, candidates: dict[str, tuple[str, ...]], case: Callable | None = None
+) -> None:
+    """An op module's GPU kernels: ``candidates`` maps each op name (as passed to
+    select_backend) to the backends ``auto`` may use for it, in order of preference;
+    the ops share the parity case ``case(backend, device)`` of their ``family``."""
+    from fastcompress import _probe
+
+    for op, backends in candidates.items():
+        GPU_CANDIDATES[op] = tuple(backends)
+        _probe.FAMILIES[op] = family
+    if case is not None:
+        _probe.CASES[family] = case
 
 
 class BackendUnavailableError(RuntimeError):
@@ -127,10 +134,28 @@ def _select(device: torch.device, backend: str | None, op: str) -> str:
             raise BackendUnavailableError(f"{op}: backend {name!r} was forced but {why}")
         return name
     if device.type == "cpu":
-        return "cpu" if backend_available("cpu", device)[0] else "reference"
+        ok, why = backend_available("cpu", device)
+        if not ok:
+            _warn_slow_cpu(why)
+        return "cpu" if ok else "reference"
     if device.type == "cuda":
         return choose_auto_gpu(op, device)
     return "reference"
+
+
+@functools.cache
+def _warn_slow_cpu(why: str) -> None:
+    """Once per reason: `auto` on CPU tensors runs the torch reference, many times
+    slower, because the C++ kernels are not there (unless they were switched off)."""
+    if os.environ.get("FASTCOMPRESS_DISABLE_CPU_EXT", "0") == "1":
+        return
+    warnings.warn(
+        f"fastcompress: {why}; CPU tensors run on the torch reference backend (much "
+        "slower). `fastcompress info` shows the build error; `fastcompress build --verbose` "
+        "retries with the compiler's output",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def choose_auto_gpu(op: str, device: torch.device, available=None, verdict=None) -> str:

@@ -226,6 +226,12 @@ def forced_cpu_isa(name: str):
         set_cpu_isa(before)
 
 
+def built_now() -> bool:
+    """Whether this process built the CPU extension (rather than loading a cached or
+    ahead-of-time one)."""
+    return bool(_state.get("cpu_built_now", False))
+
+
 def cpu_error() -> str:
     return str(_state.get("cpu_error", ""))
 

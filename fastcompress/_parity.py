@@ -65,3 +65,27 @@ def code_parity(
     elif count / differ.numel() > max_share:
         failure = f"{count} of {differ.numel()} indices differ (near-ties, gap {gap:.3g}): too many"
     return CodeParity(count, gap, failure)
+
+
+# Errors allowed against the reference in the parity cases (float32 inputs).
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def assert_close(
+    name: str, got: Tensor, want: Tensor, atol: float = ATOL, rtol: float = RTOL
+) -> float:
+    """The largest |error| of ``got`` against ``want``; AssertionError naming ``name`` if
+    they are not close (the parity cases of the probes and the selftest)."""
+    got, want = got.detach().float(), want.detach().float()
+    err = float((got - want).abs().max()) if got.numel() else 0.0
+    if not torch.allclose(got, want, atol=atol, rtol=rtol):
+        raise AssertionError(f"{name}: max |error| {err:.3g} (atol {atol}, rtol {rtol})")
+    return err
+
+
+def codes_agree(z: Tensor, books: Tensor, idx: Tensor, ref_idx: Tensor, normalize: bool) -> int:
+    """Indices equal except at near-ties (the rule above); returns how many differ."""
+    result = code_parity(z, books, idx, ref_idx, normalize)
+    if result.failure is not None:
+        raise AssertionError(f"mcq: {result.failure}")
+    return result.differ

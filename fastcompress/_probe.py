@@ -21,17 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-# op name (as passed to select_backend) -> the kernel family that its probe checks
-FAMILIES = {
-    "mcq_search": "mcq",
-    "mcq_quantize": "mcq",
-    "mcq_quantize backward": "mcq",
-    "mcq_entropy_loss": "mcq",
-    "mcq_entropy_loss backward": "mcq",
-    "compress": "compress",
-    "decode_attention": "decode_attention",
-    "voco_attention": "voco",
-}
+# Filled by the op modules (_backend.declare_gpu_kernels): op name (as passed to
+# select_backend) -> the kernel family its probe checks, and family -> its parity case.
+FAMILIES: dict[str, str] = {}
+CASES: dict[str, Callable] = {}
 
 _lock = threading.Lock()
 _memory: dict[tuple[str, str, str], dict] = {}
@@ -54,9 +47,9 @@ _keys: dict[tuple[str, int | None], str] = {}
 
 
 def _describe(kind: str, index: int | None) -> str:
-    import fastcompress
+    from fastcompress._version import __version__
 
-    parts = [f"fastcompress {fastcompress.__version__}", f"torch {torch.__version__}"]
+    parts = [f"fastcompress {__version__}", f"torch {torch.__version__}"]
     try:
         import triton
 
@@ -165,9 +158,9 @@ def clear_memory() -> None:
 
 
 def run_parity_probe(backend: str, family: str, device: torch.device) -> dict:
-    """Run ``family``'s kernel on ``backend`` and the reference on small random inputs on
-    ``device``; raise AssertionError (with the error) when they disagree."""
-    from fastcompress import selftest
-
-    check = selftest.PROBES[family]
-    return check(backend, device)
+    """Run ``family``'s parity case (its op module's, ``CASES``) on ``backend`` and the
+    reference on ``device``; it raises AssertionError (with the error) when they disagree."""
+    case = CASES.get(family)
+    if case is None:
+        raise AssertionError(f"no parity case is declared for the {family} kernels")
+    return case(backend, device)

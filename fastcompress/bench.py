@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 import fastcompress as fc
+from fastcompress import peers as peers_mod
 from fastcompress._backend import available_backends
 from fastcompress._parity import code_parity
 from fastcompress.reference import mcq_quantize_reference, mcq_search_reference
@@ -41,11 +41,13 @@ class Result:
     parity: str
     peak_mb: float | None
     speedup: float | None = None
+    spread: float | None = None  # (max - min) / median of the rounds; None for one round
 
     def row(self) -> list[str]:
         peak = "-" if self.peak_mb is None else f"{self.peak_mb:.1f}"
         speed = "-" if self.speedup is None else f"{self.speedup:.1f}x"
-        return [self.impl, self.parity, f"{self.seconds * 1e3:.1f}", speed, peak]
+        spread = "-" if self.spread is None else f"{self.spread:.0%}"
+        return [self.impl, self.parity, f"{self.seconds * 1e3:.1f}", spread, speed, peak]
 
 
 # ------------------------------------------------------------------------ measurement
@@ -60,8 +62,17 @@ def _status() -> dict[str, int]:
 def measure(
     fn: Callable[[], object], device: torch.device, min_seconds: float = 0.5, max_repeats: int = 20
 ) -> tuple[float, float | None]:
-    """(median seconds, peak extra MiB). The warm-up call is the one whose peak memory
-    is read; slow calls (> 2 s) are then timed once, fast ones until ``min_seconds``."""
+    """(median seconds, peak extra MiB): :func:`measure_rounds` without the spread."""
+    seconds, _, peak = measure_rounds(fn, device, min_seconds, max_repeats)
+    return seconds, peak
+
+
+def measure_rounds(
+    fn: Callable[[], object], device: torch.device, min_seconds: float = 0.5, max_repeats: int = 20
+) -> tuple[float, float | None, float | None]:
+    """(median seconds, spread of the rounds, peak extra MiB). The warm-up call is the one
+    whose peak memory is read; slow calls (> 2 s) are then timed once (no spread), fast
+    ones at least 3 times and until ``min_seconds``."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     peak = _peak_memory_mb(fn, device)
@@ -73,7 +84,9 @@ def measure(
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), peak
+    median = statistics.median(times)
+    spread = (max(times) - min(times)) / median if len(times) > 1 else None
+    return median, spread, peak
 
 
 def _return_freed_memory() -> None:
@@ -124,68 +137,6 @@ def make_mcq_inputs(config: str, n: int, device: str = "cpu", seed: int = 0):
     return z, books
 
 
-def unitok_style_search(z: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
-    """How UniTok's own code searches: a Python loop over codebooks, ``z @ c.T``, argmax."""
-    groups, _, dim = books.shape
-    out = []
-    for g, part in enumerate(z.split(dim, dim=-1)):
-        zn = F.normalize(part, dim=-1)
-        cn = F.normalize(books[g], dim=1)
-        out.append(torch.argmax(zn @ cn.T, dim=1))
-    return torch.stack(out, dim=1)
-
-
-class FaissPQ:
-    """faiss ``ProductQuantizer(C, G, log2 K).compute_codes`` with our (unit) codebooks.
-    On unit vectors the L2 argmin equals the cosine argmax, so indices must agree."""
-
-    def __init__(self, books: torch.Tensor):
-        import faiss
-
-        groups, vocab, dim = books.shape
-        self.faiss = faiss
-        self.pq = faiss.ProductQuantizer(groups * dim, groups, int(vocab).bit_length() - 1)
-        unit = F.normalize(books.float(), dim=-1).contiguous()
-        faiss.copy_array_to_vector(unit.numpy().ravel(), self.pq.centroids)
-        self.groups, self.bits = groups, int(vocab).bit_length() - 1
-
-    def __call__(self, z_unit):
-        import numpy as np
-
-        codes = self.pq.compute_codes(z_unit)
-        bits = np.unpackbits(codes, axis=1, bitorder="little")[:, : self.groups * self.bits]
-        weights = (1 << np.arange(self.bits)).astype(np.int64)
-        return torch.from_numpy((bits.reshape(-1, self.groups, self.bits) * weights).sum(-1))
-
-
-class VectorQuantizePytorch:
-    """vector-quantize-pytorch ``VectorQuantize(..., heads=G, separate_codebook_per_head)``
-    in eval mode, its codebooks set to ours (unit rows), indices only."""
-
-    def __init__(self, books: torch.Tensor):
-        from vector_quantize_pytorch import VectorQuantize
-
-        groups, vocab, dim = books.shape
-        self.vq = VectorQuantize(
-            dim=groups * dim,
-            codebook_size=vocab,
-            codebook_dim=dim,
-            heads=groups,
-            separate_codebook_per_head=True,
-        ).eval()
-        with torch.no_grad():
-            self.vq._codebook.embed.copy_(F.normalize(books.float(), dim=-1))
-
-    def __call__(self, z_unit):
-        with torch.no_grad():
-            return self.vq(z_unit[None])[1][0]
-
-
-def _unit_chunks(z: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
-    groups, _, dim = books.shape
-    return F.normalize(z.view(-1, groups, dim), dim=-1).reshape(z.shape).contiguous()
-
-
 def mcq_search_impls(z: torch.Tensor, books: torch.Tensor, peers: str = "faiss"):
     """name -> (callable returning (N, G) indices, input it is called with).
 
@@ -207,13 +158,13 @@ def mcq_search_impls(z: torch.Tensor, books: torch.Tensor, peers: str = "faiss")
             z,
         )
     impls["torch reference"] = (lambda x: mcq_search_reference(x, books), z)
-    impls["UniTok-style torch"] = (lambda x: unitok_style_search(x, books), z)
+    impls["UniTok-style torch"] = (lambda x: peers_mod.unitok_style_search(x, books), z)
     if peers != "none" and device.type == "cpu":
-        unit = _unit_chunks(z, books)
+        unit = peers_mod.unit_chunks(z, books)
         if importlib.util.find_spec("faiss"):
-            impls["faiss-cpu PQ"] = (FaissPQ(books), unit.numpy())
+            impls["faiss-cpu PQ"] = (peers_mod.FaissPQ(books), unit.numpy())
         if peers == "all" and importlib.util.find_spec("vector_quantize_pytorch"):
-            impls["vector-quantize-pytorch"] = (VectorQuantizePytorch(books), unit)
+            impls["vector-quantize-pytorch"] = (peers_mod.VectorQuantizePytorch(books), unit)
     return impls
 
 
@@ -254,11 +205,16 @@ def bench_mcq_search(
         if progress:
             progress(impl)
         idx = torch.as_tensor(fn(x))
-        seconds, peak = measure(lambda fn=fn, x=x: fn(x), z.device)
+        seconds, spread, peak = measure_rounds(lambda fn=fn, x=x: fn(x), z.device)
         results.append(
             Result(
-                f"mcq_search {config} N={n}", impl, seconds, index_parity(idx, ref, z, books), peak
-            )
+                f"mcq_search {config} N={n}",
+                impl,
+                seconds,
+                index_parity(idx, ref, z, books),
+                peak,
+                spread=spread,
+            )  # fmt: skip
         )
     return _with_speedups(results, "torch reference")
 
@@ -300,7 +256,7 @@ def bench_mcq_train(
         ok = all(
             torch.allclose(g, w, atol=1e-5, rtol=1e-4) for g, w in zip(got, want, strict=False)
         )
-        seconds, peak = measure(lambda run=run: step(run), z0.device)
+        seconds, spread, peak = measure_rounds(lambda run=run: step(run), z0.device)
         results.append(
             Result(
                 f"mcq_quantize fwd+bwd {config} N={n}",
@@ -308,6 +264,7 @@ def bench_mcq_train(
                 seconds,
                 "grads match" if ok else "FAIL grads",
                 peak,
+                spread=spread,
             )
         )
     return _with_speedups(results, "torch reference")
@@ -419,7 +376,8 @@ def gpu_info() -> dict | str:
 
 
 def format_table(results: list[Result]) -> str:
-    header = ["implementation", "parity vs reference", "ms", "speed-up", "peak MiB"]
+    header = ["implementation", "parity vs reference", "ms (median)", "spread", "speed-up",
+              "peak MiB"]  # fmt: skip
     rows = [header] + [r.row() for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [f"== {results[0].op} =="]
@@ -441,6 +399,47 @@ def save(results: list[Result], out_dir: str, name: str = "bench") -> tuple[str,
             indent=2,
         )
     return path, plot(results, os.path.join(out_dir, f"{name}.png"))
+
+
+def missing_extras(peers: str, device: str, plotted: bool) -> list[str]:
+    """What a run left out because an optional package is missing, and how to add it."""
+    extra = "pip install 'fastcompress[bench]' (or `make bench` in a checkout)"
+    lines = []
+    if peers != "none" and device == "cpu" and importlib.util.find_spec("faiss") is None:
+        lines.append(f"note: no faiss-cpu row: faiss-cpu is not installed; {extra}")
+    if peers == "all" and importlib.util.find_spec("vector_quantize_pytorch") is None:
+        lines.append(f"note: no vector-quantize-pytorch row: it is not installed; {extra}")
+    if not plotted:
+        lines.append(f"note: no PNG: matplotlib is not installed; {extra}")
+    return lines
+
+
+# Spread of the rounds (max - min over the median) above which a time is called noisy.
+NOISY_SPREAD = 0.5
+
+
+def timing_warnings(results: list[Result]) -> list[str]:
+    """Warnings when the times are not to be trusted: a large spread between rounds, or a
+    loaded machine (a 1-minute load average above the cores' count)."""
+    lines = []
+    noisy = [r for r in results if r.spread is not None and r.spread > NOISY_SPREAD]
+    if noisy:
+        names = ", ".join(f"{r.impl} ({r.spread:.0%})" for r in noisy[:4])
+        lines.append(
+            f"warning: the rounds of {names} spread by more than {NOISY_SPREAD:.0%} of their "
+            "median: the machine is busy or its clock moves; compare ratios, or re-run"
+        )
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    cores = os.cpu_count() or 1
+    if load > cores:
+        lines.append(
+            f"warning: the machine's load average is {load:.1f} on {cores} cores: other "
+            "processes share the CPU, so the times (not the same-run ratios) are inflated"
+        )
+    return lines
 
 
 def plot(results: list[Result], path: str) -> str | None:

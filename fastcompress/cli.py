@@ -46,19 +46,39 @@ def cmd_info(_args) -> int:
 def cmd_build(args) -> int:
     from fastcompress import _ext
 
-    print("building the C++ CPU extension (just in time, cached) ...", flush=True)
+    # A build announces itself (what, for which CPU, where, how long) on stderr; a cached
+    # or ahead-of-time library is only loaded, and said so.
     start = time.perf_counter()
     ok = _ext.load_cpu_extension(raise_on_error=False, verbose=args.verbose)
     seconds = time.perf_counter() - start
     if not ok:
-        print(f"failed after {seconds:.1f} s: {_ext.cpu_error()}")
+        print(f"the C++ CPU extension is unavailable after {seconds:.1f} s: {_ext.cpu_error()}")
         return 1
-    print(f"CPU extension ready in {seconds:.1f} s: {_ext.cpu_origin()}")
+    how = "built" if _ext.built_now() else "loaded (already built)"
+    print(f"C++ CPU extension {how} in {seconds:.1f} s: {_ext.cpu_origin()} "
+          f"(ISA level {_ext.cpu_isa()})")  # fmt: skip
     return 0
+
+
+def _no_cuda(device: str | None) -> int | None:
+    """Exit status 2 with one line when ``--device cuda`` is asked of a machine without it."""
+    if device != "cuda" or torch.cuda.is_available():
+        return None
+    build = (
+        f"a CPU build of torch ({torch.__version__})"
+        if torch.version.cuda is None
+        else f"torch {torch.__version__} is a CUDA {torch.version.cuda} build, but no GPU or "
+        "driver is visible"
+    )
+    print(f"fastcompress: --device cuda, but torch sees no CUDA device: {build}", file=sys.stderr)
+    return 2
 
 
 def cmd_bench(args) -> int:
     from fastcompress import bench
+
+    if (status := _no_cuda(args.device)) is not None:
+        return status
 
     torch.set_num_threads(args.threads)
     try:
@@ -85,12 +105,19 @@ def cmd_bench(args) -> int:
         results += table
     path, png = bench.save(results, args.out)
     print(f"results: {path}" + (f", plot: {png}" if png else ""))
+    for line in bench.missing_extras(peers, device, png is not None):
+        print(line)
+    for line in bench.timing_warnings(results):
+        print(line, file=sys.stderr)
     failed = [r for r in results if r.parity.startswith("FAIL")]
     return 1 if failed else 0
 
 
 def cmd_selftest(args) -> int:
     from fastcompress.selftest import run_selftest
+
+    if (status := _no_cuda(args.device)) is not None:
+        return status
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

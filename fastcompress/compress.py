@@ -24,7 +24,14 @@ from fastcompress._autocast import (
     register_float32_autocast,
     without_autocast,
 )
-from fastcompress._backend import record, requested_backend, select_backend, shape_fallback
+from fastcompress._backend import (
+    declare_gpu_kernels,
+    record,
+    requested_backend,
+    select_backend,
+    shape_fallback,
+)
+from fastcompress._parity import assert_close
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_same, check_tensor
 from fastcompress.reference.compress import (
     meta_token_attention_reference,
@@ -444,3 +451,40 @@ def _register_inference_fake() -> None:
         batch, tokens, dim = x.shape
         pooled = tokens // stride**2 if stride else 0
         return x.new_empty((batch, queries.shape[0], dim)), x.new_empty((batch, pooled, dim))
+
+
+# ------------------------------------------------------------ on-device parity case
+
+
+def mha_weights(dim: int, heads: int, num_meta: int, device: torch.device) -> tuple:
+    """Random ``nn.MultiheadAttention`` weights (biases not zero) and meta queries."""
+    mha = torch.nn.MultiheadAttention(dim, heads, batch_first=True).to(device)
+    with torch.no_grad():
+        for name, p in mha.named_parameters():
+            if "bias" in name:
+                p.normal_()
+    queries = torch.randn(num_meta, dim, device=device, requires_grad=True)
+    return (queries, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight,
+            mha.out_proj.bias, heads)  # fmt: skip
+
+
+def parity_case(backend: str, device: torch.device) -> dict:
+    """The on-device parity case of the compressor kernels, forward and backward."""
+    torch.manual_seed(1)
+    out = {}
+    for stride, grid, dim in ((2, (8, 12), 48), (4, (8, 16), 200)):
+        weights = mha_weights(dim, 4, 3, device)
+        x0 = torch.randn(3, grid[0] * grid[1], dim, device=device)
+        grads = {}
+        for name in (backend, "reference"):
+            x = x0.clone().requires_grad_()
+            meta, pooled = compress(x, grid, stride, *weights, backend=name)
+            loss = meta.square().sum() + pooled.sin().sum()
+            grads[name] = (meta, pooled, *torch.autograd.grad(loss, (x, weights[0])))
+        for label, g, w in zip(("meta", "pooled", "grad x", "grad queries"), grads[backend],
+                               grads["reference"], strict=True):  # fmt: skip
+            out[f"{label} s={stride}"] = assert_close(f"compress {label}", g, w, atol=1e-4)
+    return out
+
+
+declare_gpu_kernels("compress", {"compress": ("triton",)}, parity_case)

@@ -18,7 +18,13 @@ import torch
 from torch import Tensor
 
 from fastcompress._autocast import float32_under_autocast, register_float32_autocast, to_float32
-from fastcompress._backend import BackendUnavailableError, select_backend, shape_fallback
+from fastcompress._backend import (
+    BackendUnavailableError,
+    declare_gpu_kernels,
+    select_backend,
+    shape_fallback,
+)
+from fastcompress._parity import assert_close
 from fastcompress._validate import (
     FLOAT_DTYPES,
     check_finite,
@@ -378,3 +384,36 @@ def decode_attention(
         backend or "",
     )
     return (out, lse) if return_softmax_lse else out
+
+
+# ------------------------------------------------------------ on-device parity case
+
+
+def parity_case(backend: str, device: torch.device) -> dict:
+    """The on-device parity case of the decode kernel: lengths, splits, causal, append."""
+    torch.manual_seed(2)
+    out = {}
+    lengths = torch.tensor([70, 0, 33], dtype=torch.int32, device=device)
+    for splits, causal, sq in ((1, False, 1), (3, False, 1), (2, True, 4)):
+        q = torch.randn(3, sq, 4, 16, device=device)
+        k_cache, v_cache = torch.randn(2, 3, 80, 2, 16, device=device)
+        k_new, v_new = torch.randn(2, 3, sq, 2, 16, device=device)
+        results = {}
+        for name in (backend, "reference"):
+            kc, vc = k_cache.clone(), v_cache.clone()
+            results[name] = decode_attention(
+                q, kc, vc, k=k_new, v=v_new, cache_seqlens=lengths, causal=causal,
+                num_splits=splits, return_softmax_lse=True, backend=name,
+            ) + (kc,)  # fmt: skip
+        got, want = results[backend], results["reference"]
+        tag = f"splits={splits} causal={causal}"
+        out[f"out {tag}"] = assert_close("decode out", got[0], want[0])
+        finite = torch.isfinite(want[1])
+        if not torch.equal(finite, torch.isfinite(got[1])):
+            raise AssertionError("decode lse: -inf rows differ from the reference")
+        out[f"lse {tag}"] = assert_close("decode lse", got[1][finite], want[1][finite])
+        assert_close("decode cache append", got[2], want[2], atol=0, rtol=0)
+    return out
+
+
+declare_gpu_kernels("decode_attention", {"decode_attention": ("triton",)}, parity_case)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastcompress._autocast import register_float32_autocast, without_autocast
-from fastcompress._backend import select_backend
+from fastcompress._backend import declare_gpu_kernels, select_backend
 from fastcompress._validate import check_finite_number, check_tensor
 
 _CHUNK_ELEMENTS = 1 << 22  # rows x K per tile of the torch passes (16 MiB)
@@ -209,3 +209,11 @@ register_float32_autocast(_LIB, "mcq_entropy_loss")
 def entropy_loss(chunks: Tensor, book: Tensor, inv_temp: float, backend: str | None) -> Tensor:
     """The loss ``()`` of :func:`entropy_op` (the statistics are for its backward)."""
     return entropy_op(chunks, book, float(inv_temp), backend or "")[0]
+
+
+# The mcq parity case runs this loss (mcq_quantize with entropy_temp): the forward and
+# the backward share its verdict, so they always resolve to the same backend and their
+# row statistics agree.
+declare_gpu_kernels(
+    "mcq", {"mcq_entropy_loss": ("triton",), "mcq_entropy_loss backward": ("triton",)}
+)

@@ -21,7 +21,8 @@ from fastcompress._autocast import (
     register_float32_autocast,
     without_autocast,
 )
-from fastcompress._backend import select_backend
+from fastcompress._backend import declare_gpu_kernels, select_backend
+from fastcompress._parity import assert_close, codes_agree
 from fastcompress._validate import (
     FLOAT_DTYPES,
     check_finite,
@@ -34,6 +35,12 @@ from fastcompress.reference.mcq import (
     compute_dtype,
     mcq_quantize_reference,
     mcq_search_reference,
+)
+from fastcompress.reference.mcq import (
+    normalize_backward as _normalize_backward,
+)
+from fastcompress.reference.mcq import (
+    split_norm as _split_norm,
 )
 
 
@@ -67,22 +74,6 @@ def prepare_codebooks(codebooks: Tensor, normalize: bool) -> tuple[Tensor, Tenso
     book = book.contiguous()
     bias = torch.zeros_like(book[..., 0]) if normalize else -0.5 * book.square().sum(-1)
     return book, bias.contiguous()
-
-
-def _normalize_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
-    # y = x / max(|x|, eps): dx = (g - y (y.g)) / |x| where the clamp is inactive, g / eps
-    # where it is active (torch passes the norm's gradient through at |x| == eps too).
-    active = norm >= 1e-12
-    denom = norm.clamp_min(1e-12)
-    through = (grad - unit * (unit * grad).sum(-1, keepdim=True)) / denom
-    return torch.where(active, through, grad / denom)
-
-
-def _split_norm(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
-    if not normalize:
-        return x, None
-    norm = x.norm(dim=-1, keepdim=True)
-    return x / norm.clamp_min(1e-12), norm
 
 
 # ------------------------------------------------------------------------ forward impls
@@ -307,6 +298,8 @@ def _rows(z: Tensor, books: Tensor, channel_dim: int) -> tuple[Tensor, int]:
         raise ValueError(f"codebooks must be (G, K, d) with G, K, d > 0, got {tuple(books.shape)}")
     if channels != groups * dim:
         hint = f"; C={channels} is not divisible by G={groups}" if channels % groups else ""
+        if z.dim() == 4 and given == -1 and z.shape[1] == groups * dim:
+            hint += "; for channel-first (B, C, H, W) input (MGVQ) pass channel_dim=1"
         raise ValueError(
             f"z of shape {tuple(z.shape)} has C={channels} channels on channel_dim={given} "
             f"(its dim {channel_dim}), but codebooks "
@@ -451,3 +444,49 @@ def mcq_dequantize(
     if channel_dim in (-1, out.dim() - 1):
         return out
     return out.movedim(-1, channel_dim)
+
+
+# ------------------------------------------------------------ on-device parity case
+
+
+def parity_case(backend: str, device: torch.device) -> dict:
+    """The on-device parity case of the MCQ kernels (search, quantize, their backward and
+    the entropy loss): ``backend`` against the reference on small odd-sized problems."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for normalize in (True, False):
+        z0 = torch.randn(301, 64, generator=gen).to(device)
+        books0 = torch.randn(8, 130, 8, generator=gen).to(device)
+        idx = mcq_search(z0, books0, normalize=normalize, backend=backend)
+        ref_idx = mcq_search(z0, books0, normalize=normalize, backend="reference")
+        out[f"near_ties_normalize={normalize}"] = codes_agree(z0, books0, idx, ref_idx, normalize)
+        weight = torch.randn(z0.shape, generator=gen).to(device)
+        results = {}
+        for name in (backend, "reference"):
+            z, books = z0.clone().requires_grad_(), books0.clone().requires_grad_()
+            q = mcq_quantize(z, books, normalize=normalize, entropy_temp=0.01, backend=name)
+            loss = (q.z_q * weight).sum() + q.vq_loss + q.entropy_loss
+            results[name] = (
+                q.z_q,
+                q.vq_loss,
+                q.entropy_loss,
+                *torch.autograd.grad(loss, (z, books)),
+            )
+        same = (idx == ref_idx).all(-1)
+        got, want = results[backend], results["reference"]
+        assert_close("mcq z_q", got[0][same], want[0][same])
+        for name, g, w in zip(("vq_loss", "entropy_loss", "grad z", "grad codebooks"), got[1:],
+                              want[1:], strict=True):  # fmt: skip
+            out[f"{name} normalize={normalize}"] = assert_close(f"mcq {name}", g, w, atol=1e-4)
+    return out
+
+
+declare_gpu_kernels(
+    "mcq",
+    {
+        "mcq_search": ("cuda", "triton"),
+        "mcq_quantize": ("cuda", "triton"),
+        "mcq_quantize backward": ("triton",),
+    },
+    parity_case,
+)

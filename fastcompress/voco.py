@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcompress._autocast import float32_under_autocast, register_float32_autocast
-from fastcompress._backend import BackendUnavailableError, select_backend
+from fastcompress._backend import BackendUnavailableError, declare_gpu_kernels, select_backend
+from fastcompress._parity import assert_close
 from fastcompress._validate import FLOAT_DTYPES, check_finite, check_finite_number, check_tensor
 
 HYBRID_MODES = ("isolated", "causal")
@@ -350,3 +351,22 @@ def compact_kv_cache(
         v_cache.index_select(2, keep).contiguous(),
         compacted,
     )
+
+
+# ------------------------------------------------------------ on-device parity case
+
+
+def parity_case(backend: str, device: torch.device) -> dict:
+    """The on-device parity case of the VoCo kernel, both hybrid modes."""
+    torch.manual_seed(3)
+    out = {}
+    for layout in (VocoLayout(3, 40, 1, 20), VocoLayout(2, 33, 2, 9, "causal")):
+        q = torch.randn(2, 4, layout.length, 16, device=device)
+        k, v = torch.randn(2, 2, 2, layout.length, 16, device=device)
+        got = voco_attention(q, k, v, layout, backend=backend)
+        want = voco_attention(q, k, v, layout, backend="reference")
+        out[layout.hybrid] = assert_close("voco", got, want)
+    return out
+
+
+declare_gpu_kernels("voco", {"voco_attention": ("triton",)}, parity_case)

@@ -5,8 +5,10 @@ commands need, touching only what is missing or wrong.
    CUDA build included). With none, torch==2.13.0 is installed (a CPU build; on this
    project's machines it lies on disk). A torch older than the range stops with a message
    rather than being replaced.
-2. Triton: kept when present (a CUDA torch pins its own); else the tested 3.6.0.
-3. The test and benchmark requirements (requirements.txt: never torch or Triton).
+2. Triton (``test`` and ``bench``): kept when present (a CUDA torch pins its own); else
+   the tested 3.6.0.
+3. The requirements of the command (``main``, ``test`` or ``bench``: requirements*.txt,
+   never torch or Triton).
 4. fastcompress itself, editable, whenever the package that Python imports *from outside
    this checkout* is not this checkout (missing, an older clone, a non-editable copy).
    Checking from the repo root would always see the local ``./fastcompress`` folder.
@@ -85,12 +87,27 @@ def ensure_package() -> None:
         sys.exit(f"fastcompress still imports from {where} after the install, not {here}")
 
 
-def main() -> None:
+# What each command needs beyond torch and fastcompress: `make main` only the main job's
+# (the demo); `make test` adds the test stack (Triton's interpreter runs the GPU kernels
+# on CPU tensors); `make bench` adds the peers and the benchmark harness.
+STACKS = {
+    "main": ("requirements.txt",),
+    "test": ("requirements.txt", "requirements-test.txt"),
+    "bench": ("requirements.txt", "requirements-test.txt", "requirements-bench.txt"),
+}
+
+
+def main(argv: list[str]) -> None:
+    stack = argv[0] if argv else "test"
+    if stack not in STACKS:
+        sys.exit(f"usage: install_env.py [{' | '.join(STACKS)}], got {stack!r}")
     ensure_torch()
-    ensure_triton()
-    _pip("-r", "requirements.txt")
+    if stack != "main":
+        ensure_triton()
+    for requirements in STACKS[stack]:
+        _pip("-r", requirements)
     ensure_package()
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

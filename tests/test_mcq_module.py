@@ -11,7 +11,6 @@ from helpers import assert_same_codes
 from unitok_semantics import UniTokQuantizer
 
 from fastcompress.nn import MultiCodebookQuantizer
-from fastcompress.reference import mcq_search_reference
 
 CONFIG = dict(vocab_size=8 * 96, vocab_width=64, beta=0.25, num_codebooks=8)
 
@@ -158,18 +157,32 @@ def test_half_features_search_the_float32_master_codebook(backend, dtype):
     (z_q.square().sum() + vq_loss).backward()
     grads = [entry.codebook.weight.grad for entry in quantizer.codebooks]
     assert all(g.dtype == torch.float32 for g in grads)
-    books = quantizer.stacked_codebooks().detach()
-    rows = features.float().reshape(-1, 64)
-    want = mcq_search_reference(rows, books, True)
-    got = quantizer.f_to_idx(features).permute(0, 2, 1).reshape(-1, 8)
-    assert_same_codes(rows, books, got, want, True)
-    # The same values given in float32 give the same indices, loss and codebook gradients.
-    twin = MultiCodebookQuantizer(2048, 64, num_codebooks=8, backend=backend)
-    twin.load_state_dict(quantizer.state_dict())
-    z_q32, vq_loss32, _, _ = twin(features.float())
-    (z_q32.square().sum() + vq_loss32).backward()
-    torch.testing.assert_close(vq_loss, vq_loss32, atol=1e-6, rtol=1e-5)
-    for g, g32 in zip(grads, [e.codebook.weight.grad for e in twin.codebooks], strict=True):
-        torch.testing.assert_close(g, g32, atol=1e-3, rtol=1e-2)
+    # (Which codes: test_half_features_give_unitoks_codes, against UniTok's own rounding.)
     out = MultiCodebookQuantizer(2048, 64, num_codebooks=8, output_dtype=None)(features)[0]
     assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("use_entropy", [False, True])
+def test_half_features_give_unitoks_codes(backend, dtype, use_entropy):
+    # UniTok normalises each chunk in the features' dtype, then casts to float32 (issue 22:
+    # normalising in float32 moved 37-41 of 8,192 codes in bf16). The module reproduces
+    # its codes, losses and gradients on the same bf16 / f16 features.
+    unitok, ours = _pair(use_entropy, backend)
+    features = torch.randn(4, 1024, CONFIG["vocab_width"]).to(dtype)
+    f1, f2 = features.clone().requires_grad_(), features.clone().requires_grad_()
+    got = ours(f1)
+    want = unitok(f2)
+    # The same codes but at float32 near-ties (UniTok's z.c against our z.c - |c|^2 / 2
+    # with |c| = 1 to 1e-7): at most 2 of 32,768 here.
+    assert int((ours.f_to_idx(features) != want[4]).sum()) <= 2
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5)
+    (got[0].square().sum() + got[1] + got[2]).backward()
+    (want[0].square().sum() + want[1] + want[2]).backward()
+    torch.testing.assert_close(f1.grad.float(), f2.grad.float(), atol=1e-2, rtol=1e-2)
+    for a, b in zip(ours.codebooks, unitok.codebooks, strict=True):
+        torch.testing.assert_close(a.codebook.weight.grad, b.codebook.weight.grad,
+                                   atol=1e-5, rtol=1e-3)  # fmt: skip

@@ -238,7 +238,8 @@ def mcq_backward_triton(
     """Gradients of ``mcq_quantize`` into ``z (N, C)`` and ``codebooks (G, K, d)``."""
     groups, vocab, dim = codebooks.shape
     n = z.shape[0]
-    from fastcompress.mcq import _normalize_backward, _split_norm
+    from fastcompress.reference.mcq import normalize_backward as _normalize_backward
+    from fastcompress.reference.mcq import split_norm as _split_norm
 
     book, norm = _split_norm(codebooks.float(), normalize)
     book = book.contiguous()

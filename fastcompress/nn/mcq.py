@@ -126,7 +126,7 @@ class MultiCodebookQuantizer(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         out, usage = self.quantize(features)
         entropy = out.entropy_loss if out.entropy_loss is not None else out.vq_loss.new_zeros(())
-        z_q = out.z_q if self.output_dtype is None else out.z_q.to(self.output_dtype)
+        z_q = out.z_q.to(features.dtype if self.output_dtype is None else self.output_dtype)
         return z_q, out.vq_loss, entropy, usage
 
     def quantize(self, features: Tensor) -> tuple[MCQOutput, Tensor]:
@@ -134,15 +134,32 @@ class MultiCodebookQuantizer(nn.Module):
         indices ``(..., G)``) and the usage percentage; the usage EMA is updated."""
         # The float32 master codebook whatever the feature dtype, as UniTok searches: a
         # codebook rounded to bf16 picks other codes and rounds the codebook gradients.
+        features, books, normalize = self._as_unitok_sees(features)
         out = mcq_quantize(
             features,
-            self.stacked_codebooks(),
+            books,
             beta=self.beta,
-            normalize=self.normalize,
+            normalize=normalize,
             entropy_temp=self.entropy_temp if self.use_entropy_loss else None,
             backend=self.backend,
         )
         return out, self._record_usage(out.usage_counts)
+
+    def _as_unitok_sees(self, features: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """(features, codebooks, normalize) for the op. UniTok normalises each chunk in the
+        features' own dtype and only then casts to float32: for bf16 / f16 features the
+        chunks are normalised here the same way (rounded unit chunks pick other codes at
+        near-ties than float32 ones: 37-41 of 8,192 in bf16), and the op gets them as they
+        are, against the unit float32 code rows (L2 to unit rows is the cosine argmax;
+        the losses and z_q are then UniTok's, on its rounded chunks)."""
+        books = self.stacked_codebooks()
+        half = features.dtype in (torch.bfloat16, torch.float16)
+        if not (self.normalize and half and features.shape[-1] % self.num_codebooks == 0):
+            return features, books, self.normalize  # (a wrong C: the op names it)
+        groups = self.num_codebooks
+        chunks = features.unflatten(-1, (groups, features.shape[-1] // groups))
+        unit = F.normalize(chunks, dim=-1).float().flatten(-2)
+        return unit, F.normalize(books.float(), dim=-1), False
 
     @torch.no_grad()
     def _record_usage(self, counts: Tensor) -> Tensor:
@@ -158,12 +175,8 @@ class MultiCodebookQuantizer(nn.Module):
 
     def f_to_idx(self, features: Tensor) -> Tensor:
         """``(B, L, C)`` -> indices ``(B, G, L)`` (UniTok's layout)."""
-        idx = mcq_search(
-            features,
-            self.stacked_codebooks().detach(),
-            normalize=self.normalize,
-            backend=self.backend,
-        )
+        features, books, normalize = self._as_unitok_sees(features)
+        idx = mcq_search(features, books.detach(), normalize=normalize, backend=self.backend)
         return idx.movedim(-1, 1)
 
     def idx_to_f(self, indices: Tensor) -> Tensor:

@@ -95,3 +95,22 @@ def mcq_entropy_loss_reference(
         codebook_entropy = (-avg * torch.log(avg + 1e-7)).sum()
         total = total + per_sample - codebook_entropy
     return total / book.shape[0]
+
+
+def normalize_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
+    """The gradient through ``F.normalize`` given the unit vectors and the norms (the
+    analytic backwards of the kernels share it)."""
+    # y = x / max(|x|, eps): dx = (g - y (y.g)) / |x| where the clamp is inactive, g / eps
+    # where it is active (torch passes the norm's gradient through at |x| == eps too).
+    active = norm >= 1e-12
+    denom = norm.clamp_min(1e-12)
+    through = (grad - unit * (unit * grad).sum(-1, keepdim=True)) / denom
+    return torch.where(active, through, grad / denom)
+
+
+def split_norm(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
+    """``(x / max(|x|, eps), |x|)`` over the last dim, or ``(x, None)`` without normalize."""
+    if not normalize:
+        return x, None
+    norm = x.norm(dim=-1, keepdim=True)
+    return x / norm.clamp_min(1e-12), norm
