@@ -7,7 +7,8 @@ PIP := $(PYTHON) -m pip
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install install-main install-bench main test checkstyle format bench bench-cli clean
+.PHONY: install install-main install-bench main test checkstyle format bench bench-cli \
+	bench-compare bench-check bench-report clean
 
 install:
 	$(PYTHON) scripts/install_env.py test
@@ -42,10 +43,25 @@ format:
 	ruff format fastcompress triton_kernels tests benchmarks scripts setup.py
 	clang-format -i csrc/include/fastcompress/* csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cuda/*
 
+# Every run is kept in bench-history/<machine key>/ (pytest-benchmark's storage); the ratio
+# table of the run goes to bench-results/ratios.json (benchmarks/conftest.py).
 bench: install-bench
 	mkdir -p bench-results
-	$(PYTHON) -m pytest benchmarks -q --benchmark-json=bench-results/benchmarks.json \
-		--benchmark-columns=median,rounds
+	$(PYTHON) scripts/bench_track.py run --benchmark-json=bench-results/benchmarks.json $(PYTEST_ARGS)
+
+# The last run against the previous one on this machine key: medians, their change beside
+# the rounds' own spread, and the change of every same-run ratio.
+bench-compare:
+	$(PYTHON) scripts/bench_track.py compare
+
+# The regression gate (about 2 minutes): same-run ratios of a quick profile against the
+# floors per ISA level in benchmarks/floors.json; fails naming each ratio below its floor.
+bench-check: install
+	$(PYTHON) scripts/bench_track.py check
+
+# Each headline ratio over the runs in bench-history: bench-results/trend.png and .md.
+bench-report:
+	$(PYTHON) scripts/bench_track.py report
 
 clean:
 	rm -rf build *.egg-info fastcompress/*.so fastcompress/*.so.key bench-results demo-results .benchmarks

@@ -49,7 +49,8 @@ setup(
         # The Triton 3.6 interpreter (TRITON_INTERPRET=1) breaks on numpy 2.4.
         "triton": ["triton>=3.2", "numpy<2.4"],
         "bench": ["pytest-benchmark", "matplotlib", "nvidia-ml-py", "faiss-cpu"],
-        "test": ["pytest", "numpy<2.4"],
+        "plots": ["matplotlib"],
+        "test": ["pytest", "hypothesis", "import-linter", "numpy<2.4"],
     },
     entry_points={"console_scripts": ["fastcompress=fastcompress.cli:main"]},
     ext_modules=ext_modules,

@@ -338,8 +338,10 @@ def mcq_quantize(
         channel-first ``(B, C, H, W)`` (MGVQ). float32, bfloat16 or float16; all math
         runs in float32. Chunk ``g`` is channels ``g*d:(g+1)*d``.
     codebooks : Tensor or sequence of Tensor
-        ``(G, K, d)`` (or G tensors ``(K, d)``), same dtype and device as ``z``. For an
-        MGVQ embedding of ``n_e`` rows pass ``weight.view(G, n_e // G, d)``.
+        ``(G, K, d)`` (or G tensors ``(K, d)`` of one shape), on ``z``'s device, in
+        ``z``'s dtype or float32 (a float32 master codebook for bf16 / f16 ``z``: the
+        search, the losses and the codebook gradients stay float32). For an MGVQ
+        embedding of ``n_e`` rows pass ``weight.view(G, n_e // G, d)``.
     beta : float
         Commitment weight (UniTok / MGVQ: 0.25).
     normalize : bool

@@ -52,7 +52,12 @@ def _timer(device: torch.device, fn: Callable, reps: int) -> list[float]:
     return times
 
 
+COMPILE = True  # torch.compile rows (off in the quick CPU plumbing check: minutes of compiling)
+
+
 def _compiled(fn: Callable) -> Callable | None:
+    if not COMPILE:
+        return None
     try:
         return torch.compile(fn, dynamic=False)
     except Exception:  # no inductor toolchain: the row is left out
@@ -203,6 +208,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    global COMPILE
+    COMPILE = not args.quick
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(args.out, torch.device(args.device), args.quick)
     with open(args.out / "gpu_check.md", "a") as f:
