@@ -207,12 +207,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", type=pathlib.Path)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--markdown", type=pathlib.Path, default=None, help="Markdown table (OUT/gpu_check.md)"
+    )
     args = parser.parse_args(argv)
     global COMPILE
     COMPILE = not args.quick
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(args.out, torch.device(args.device), args.quick)
-    with open(args.out / "gpu_check.md", "a") as f:
+    with open(args.markdown or args.out / "gpu_check.md", "a") as f:
         f.write(f"\n## Benchmarks ({args.device})\n\n{markdown(rows)}\n")
     try:
         import matplotlib
