@@ -148,10 +148,6 @@ def _attend_cpu_fused(
     return out.reshape(batch, heads, sq, dim), lse.reshape(batch, heads, sq).float()
 
 
-# Registered with the low-level Library API rather than ``torch.library.custom_op``: the
-# latter's Python wrapper cost ~290 us per call for this mutating op (3x the attention
-# itself at decode sizes, 8 calls per decoder step). The schema declares both caches
-# mutated (``Tensor(a!)``); the fake implementation is registered below.
 def check_decode_args(
     q: Tensor,
     k_cache: Tensor,
@@ -222,6 +218,10 @@ def check_decode_args(
     check_finite_number("softmax_scale", softmax_scale)
 
 
+# Registered with the low-level Library API rather than ``torch.library.custom_op``: the
+# latter's Python wrapper cost ~290 us per call for this mutating op (3x the attention
+# itself at decode sizes, 8 calls per decoder step). The schema declares both caches
+# mutated (``Tensor(a!)``); the fake implementation is registered below.
 _LIB = torch.library.Library("fastcompress", "FRAGMENT")
 _LIB.define(
     "decode_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "

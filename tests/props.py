@@ -45,13 +45,19 @@ def run(body: Callable, backend: str, examples: int) -> None:
     """Run ``body(data)`` as a hypothesis test of ``examples`` examples (fewer for the
     interpreted Triton kernels, which take seconds each)."""
     count = max(2, examples // 5) if backend == "triton" else examples
+    ran = [0]
 
     @settings(max_examples=count * SCALE)
     @given(data=st.data())
     def inner(data):
+        ran[0] += 1
         body(data)
 
     inner()
+    log = os.environ.get("FASTCOMPRESS_FUZZ_LOG")  # a campaign's example count
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]} {ran[0]}\n")
 
 
 def check_report(report: dict, backend: str, level: str | None, ran_kernel: bool) -> None:
@@ -166,14 +172,20 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: floa
 
 def within_torch(
     got, want, yardsticks, dtype: torch.dtype, scale: float = 1.0, what: str = "",
-    slack: float = 1e-5,
+    slack: float = 1e-5, magnitude: float | None = None, factor: float = 2.0,
+    target: float | None = None,
 ) -> None:  # fmt: skip
     """FlashAttention's rule: the error against the float64 oracle is at most twice the
     error of torch computing the same thing in the same precision, plus one rounding of
     the result to ``dtype`` and ``slack * scale``. ``yardsticks`` are torch's results
     (None entries are skipped): one float32 evaluation can be exact by luck, and two
     float32 summation orders differ by 10x on a saturated softmax, so the worst of them
-    is the yardstick. Without any, the fixed tolerance of ``dtype``."""
+    is the yardstick. Without any, the fixed tolerance of ``dtype``. ``magnitude``: the
+    size of what is rounded to ``dtype`` when that is more than the result (autograd adds
+    two bf16 gradients of size 1 into one of size 0.01: each is rounded first).
+    ``target``: an absolute accuracy (relative to ``scale``) that passes by itself, the
+    issue's own criterion where it states one (the entropy loss: 1e-5 for the loss, 1e-4
+    for the gradients), whatever torch's luck on the example."""
     yardsticks = [
         y for y in (yardsticks if isinstance(yardsticks, list) else [yardsticks]) if y is not None
     ]
@@ -182,6 +194,9 @@ def within_torch(
     if want.numel() == 0:
         return
     err = float((got.double() - want.double()).abs().max())
+    if target is not None and err <= target * scale:
+        return
     torch_err = max(float((y.detach().double() - want.double()).abs().max()) for y in yardsticks)
-    one_rounding = torch.finfo(dtype).eps * float(want.double().abs().max())
-    assert err <= 2 * torch_err + one_rounding + slack * scale, (what, err, torch_err, dtype)
+    size = float(want.double().abs().max()) if magnitude is None else magnitude
+    one_rounding = 2 * torch.finfo(dtype).eps * size
+    assert err <= factor * torch_err + one_rounding + slack * scale, (what, err, torch_err, dtype)

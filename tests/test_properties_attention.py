@@ -130,6 +130,8 @@ def test_compress_property(sandbox, op_backend, level):
         ((ref_meta.float() * weights[0]).sum() + (ref_pooled.float() * weights[1]).sum()).backward()
         half = dtype != torch.float32  # half types: the float32 formulas are no yardstick
         assert meta.dtype == dtype and pooled.dtype == dtype
+        if half and op_backend == "reference":
+            return  # the reference in a half type is the yardstick itself (torch's own run)
         want_meta, want_pooled = want_meta.detach(), want_pooled.detach()
         within_torch(meta, want_meta, [ref_meta, None if half else torch_meta], dtype,
                      max(1.0, _peak(want_meta)), "meta")  # fmt: skip
@@ -221,6 +223,8 @@ def test_decode_attention_property(sandbox, op_backend, level):
         )
         assert out.shape == q.shape and out.dtype == dtype
         torch_out = None
+        if dtype != torch.float32 and op_backend == "reference":
+            return  # the reference in a half type is the yardstick itself (torch's own run)
         if dtype != torch.float32:
             torch_out = fc.decode_attention(
                 q, k_cache.clone(), v_cache.clone(), args.get("k"), args.get("v"),
@@ -283,6 +287,8 @@ def test_voco_attention_property(sandbox, op_backend, level):
         )  # fmt: skip
         assert out.shape == args["q"].shape and out.dtype == dtype
         torch_out = None
+        if dtype != torch.float32 and op_backend == "reference":
+            return  # the reference in a half type is the yardstick itself (torch's own run)
         if dtype != torch.float32:
             torch_out = F.scaled_dot_product_attention(
                 args["q"], args["k"].repeat_interleave(group, 1),

@@ -1,11 +1,11 @@
 """Triton kernels of UniTok's entropy loss (fastcompress/entropy.py has the math), with
 their launchers. N x K is never stored.
 
-Logits in base-2 units, one ``tl.dot`` per tile: chunks are padded to D_PAD =
-next_pow2(d + 1) (>= 16, the MMA K) and the spare lane d carries the bias, z lane d = 1
-and code lane d = -log2(e) |c|^2 / tau, code lanes < d = log2(e) (2 / tau) c, so
-``l2 = z_aug . c_aug`` and every exponential is an ``exp2``. Codes past K get the bias
--1e30 (probability 0, finite products). Products in IEEE fp32.
+Logits in base-2 units, one ``tl.dot`` per tile: chunks and codes are padded to D_PAD =
+next_pow2(d + 1) (>= 16, the MMA K), code lanes < d = log2(e) (2 / tau) c, and the bias
+-log2(e) |c|^2 / tau (stored in code lane d) is added after the dot, so ``l2 = z . c +
+bias`` and every exponential is an ``exp2``. Codes past K get the bias -1e30
+(probability 0, finite products). Products in IEEE fp32.
 
 - forward, one program per (BLOCK_N rows, codebook): an online pass over the code tiles
   (running max, sum and entropy sum per row), then a second pass for the rows' share of
@@ -37,24 +37,25 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _logits(z_aug, book, k0, vocab, lanes, D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(rows, BLOCK_K) base-2 logits of codes k0.. and the code tile (BLOCK_K, D_PAD)."""
+    """(rows, BLOCK_K) base-2 logits of codes k0.. and the code tile (BLOCK_K, D_PAD,
+    its bias lane zeroed). The bias (-|c|^2, the large term of L2 logits) is added after
+    the dot: inside it, the products would round at the bias's size."""
     codes = k0 + tl.arange(0, BLOCK_K)
     code_ok = codes < vocab
-    c_aug = tl.load(
+    c = tl.load(
         book + codes[:, None].to(tl.int64) * (D + 1) + lanes[None, :],
-        mask=code_ok[:, None] & (lanes[None, :] <= D),
+        mask=code_ok[:, None] & (lanes[None, :] < D),
         other=0.0,
     )
-    c_aug = tl.where((lanes[None, :] == D) & ~code_ok[:, None], PAD_BIAS, c_aug)
-    return tl.dot(z_aug, tl.trans(c_aug), input_precision="ieee"), c_aug
+    bias = tl.load(book + codes.to(tl.int64) * (D + 1) + D, mask=code_ok, other=PAD_BIAS)
+    return tl.dot(z_aug, tl.trans(c), input_precision="ieee") + bias[None, :], c
 
 
 @triton.jit
 def _load_rows(chunks_ptr, rows, row_ok, g, groups, lanes, D: tl.constexpr):
-    """(BLOCK_N, D_PAD) chunks with lane D = 1 (the bias lane)."""
+    """(BLOCK_N, D_PAD) chunks, zero past d."""
     offs = (rows[:, None].to(tl.int64) * groups + g) * D + lanes[None, :]
-    z = tl.load(chunks_ptr + offs, mask=row_ok[:, None] & (lanes[None, :] < D), other=0.0)
-    return tl.where(lanes[None, :] == D, 1.0, z)
+    return tl.load(chunks_ptr + offs, mask=row_ok[:, None] & (lanes[None, :] < D), other=0.0)
 
 
 @triton.jit
