@@ -220,9 +220,16 @@ def bench_mcq_search(
 
 
 def bench_mcq_train(
-    config: str = "unitok", n: int = 16384, device: str = "cpu", progress=None
+    config: str = "unitok",
+    n: int = 16384,
+    device: str = "cpu",
+    progress=None,
+    entropy_temp: float | None = None,
 ) -> list[Result]:
-    """Forward + backward of mcq_quantize (training) against the reference autograd."""
+    """Forward + backward of mcq_quantize (training) against the reference autograd.
+    With ``entropy_temp``, UniTok's entropy loss is added (its torch reference: the
+    row-chunked reference backend, since UniTok's dense G x N x K formula does not fit
+    at large N)."""
     z0, books0 = make_mcq_inputs(config, n, device)
     weight = torch.randn_like(z0)
 
@@ -233,13 +240,17 @@ def bench_mcq_train(
         return z.grad, books.grad
 
     def reference(z, books):
+        if entropy_temp is not None:
+            out = fc.mcq_quantize(z, books, entropy_temp=entropy_temp, backend="reference")
+            return out.z_q, out.vq_loss + out.entropy_loss
         z_q, _, loss, _ = mcq_quantize_reference(z, books)
         return z_q, loss
 
     def ours(name):
         def run(z, books):
-            out = fc.mcq_quantize(z, books, backend=name)
-            return out.z_q, out.vq_loss
+            out = fc.mcq_quantize(z, books, entropy_temp=entropy_temp, backend=name)
+            loss = out.vq_loss if entropy_temp is None else out.vq_loss + out.entropy_loss
+            return out.z_q, loss
 
         return run
 
@@ -259,7 +270,7 @@ def bench_mcq_train(
         seconds, spread, peak = measure_rounds(lambda run=run: step(run), z0.device)
         results.append(
             Result(
-                f"mcq_quantize fwd+bwd {config} N={n}",
+                f"mcq_quantize{'' if entropy_temp is None else '+entropy'} fwd+bwd {config} N={n}",
                 impl,
                 seconds,
                 "grads match" if ok else "FAIL grads",

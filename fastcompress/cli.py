@@ -98,8 +98,11 @@ def cmd_bench(args) -> int:
 
     search = bench.bench_mcq_search(args.config, args.n, device, peers, note)
     train = bench.bench_mcq_train(args.config, args.n, device, note)
+    tables = [search, train]
+    if args.entropy_n > 0:  # UniTok's training loss; the reference's rounds grow with N
+        tables.append(bench.bench_mcq_train(args.config, args.entropy_n, device, note, 0.01))
     results = []
-    for table in (search, train):
+    for table in tables:
         print(bench.format_table(table))
         print()
         results += table
@@ -163,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="codebook shape: unitok = 8 x 4096 x 8 (default), mgvq = 8 x 2048 x 4",
     )
     bench.add_argument("--n", type=int, default=16384, help="number of feature vectors (16384)")
+    bench.add_argument(
+        "--entropy-n",
+        type=int,
+        default=2048,
+        help="feature vectors in the fwd+bwd table with the entropy loss (2048; 0: no table)",
+    )
     bench.add_argument("--threads", type=int, default=2, help="CPU threads for every impl (2)")
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available"

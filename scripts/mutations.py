@@ -60,9 +60,9 @@ MUTATIONS = [
     ),
     Mutation(
         "autocast-entropy-in-bf16",
-        "fastcompress/mcq.py",
-        "@without_autocast\ndef _entropy_backward(",
-        "def _entropy_backward(",
+        "fastcompress/entropy.py",
+        "@without_autocast\ndef _backward(",
+        "def _backward(",
         ("tests/test_autocast.py",),
     ),
     Mutation(
@@ -233,10 +233,10 @@ MUTATIONS += [
         ("tests/test_trust.py",),
     ),
     Mutation(
-        "nan-beta-accepted",
+        "nan-beta-accepted",  # the op's own check (mcq_quantize checks beta first as well)
         "fastcompress/mcq.py",
-        '    beta = check_finite_number("beta", beta)\n    if entropy_temp',
-        "    if entropy_temp",
+        '    check_finite_number("beta", beta)\n    name = select_backend',
+        "    name = select_backend",
         ("tests/test_trust.py",),
     ),
     Mutation(
@@ -252,6 +252,21 @@ MUTATIONS += [
         "        if tuple(state[key].shape) != shape:",
         "        if False:",
         ("tests/test_pipeline.py",),
+    ),
+    # Issue 21: the fused entropy loss.
+    Mutation(
+        "cpu-entropy-backward-forgets-the-row-entropy",
+        "csrc/cpu/entropy_kernels.inc",
+        "shift[r] = simd::hsum(mixed) + row_stats[2];",
+        "shift[r] = simd::hsum(mixed);",
+        ("tests/test_entropy_kernel.py",),
+    ),
+    Mutation(
+        "triton-entropy-online-sum-not-rescaled",
+        "triton_kernels/entropy.py",
+        "t = alpha * (t + (top - new_top) * total)",
+        "t = alpha * t",
+        ("tests/test_entropy_kernel.py",),
     ),
     Mutation(
         "qemu-child-inherits-the-core-type",

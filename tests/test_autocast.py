@@ -78,7 +78,7 @@ def test_direct_op_calls_under_autocast_are_float32():
     with _autocast():
         got = torch.ops.fastcompress.mcq_entropy_loss(chunks, unit, 100.0, "")[0]
         idx = torch.ops.fastcompress.mcq_search(z.bfloat16(), books, True, "")
-    got_grads = torch.autograd.grad(got, (chunks, unit))
+        got_grads = torch.autograd.grad(got, (chunks, unit))  # the backward under autocast
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, **EXACT)
     for got_grad, want_grad in zip(got_grads, want_grads, strict=True):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastcompress as fc
+from fastcompress import _ext
 from fastcompress._backend import triton_available
 from fastcompress.nn import ARDecompressor, GroupedQuantizer, MultiCodebookQuantizer
 
@@ -32,7 +33,8 @@ def _decode64(q, k_cache, v_cache, lengths, scale):
 @pytest.mark.isa_independent  # the cpu backend of decode_attention is ATen's flash kernel
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "layout", ["last-dim-strided", "transposed-heads", "expanded", "offset-view"]
+    "layout",
+    ["last-dim-strided", "step-last-dim-strided", "transposed-heads", "expanded", "offset-view"],
 )
 def test_decode_attention_with_any_query_strides(backend, layout):
     # The cpu backend read outside a q whose last dim was not unit-stride (errors up to
@@ -40,6 +42,8 @@ def test_decode_attention_with_any_query_strides(backend, layout):
     base = torch.randn(2, 3, 4, 16)
     q = {
         "last-dim-strided": base[..., ::2],
+        # Sq = 1 (a decode step): the GQA reshape is a view that keeps the stride of 2.
+        "step-last-dim-strided": base[:, :1, :, ::2],
         "transposed-heads": torch.randn(2, 4, 3, 8).transpose(1, 2),
         "expanded": torch.randn(1, 3, 4, 8).expand(2, 3, 4, 8),
         "offset-view": base[:, 1:, :, 8:],
@@ -110,12 +114,17 @@ def test_compress_names_the_argument_holding_nan(backend, bad, value, grad):
     args[bad].view(-1)[1] = value
     if grad:
         args["x"].requires_grad_()
+    before = _ext.kernel_calls() if backend == "cpu" else None
     with pytest.raises(ValueError, match=f"{bad} contains NaN or inf"):
         fc.compress(
             args["x"], (4, 4), 2, args["queries"], args["in_proj_weight"],
             args["in_proj_bias"], args["out_proj_weight"], args["out_proj_bias"], 2,
             backend=backend,
         )  # fmt: skip
+    if before is not None and bad in ("queries", "in_proj_bias", "out_proj_bias"):
+        # The small arguments are checked before any kernel runs (x and the weights are
+        # checked inside the kernel's first pass, which raises naming them).
+        assert _ext.kernel_calls() == before
 
 
 @pytest.mark.parametrize("name", ["beta", "entropy_temp"])
@@ -234,6 +243,9 @@ def test_decompressor_names_the_nan_parameter(where, decoder_backend):
         (lambda: torch.ops.fastcompress.mcq_entropy_loss(
             torch.randn(4, 16), torch.randn(2, 5, 8), 100.0, ""),
          ValueError, "chunks must have 3 dimensions"),
+        (lambda: torch.ops.fastcompress.mcq_quantize(
+            torch.randn(4, 16), torch.randn(2, 5, 8), math.nan, True, ""),
+         ValueError, "beta must be finite"),
     ],
 )  # fmt: skip
 def test_unclear_errors_now_name_the_argument(call, error, match):
