@@ -196,7 +196,8 @@ def kernel_configs():
             ("backward rows", entropy.entropy_backward_rows_kernel, entropy.BACKWARD_CONFIG,
              {"w_ptr": "*fp32", "shift_ptr": "*fp32", "mean_ptr": "*fp32",
               "grad_chunks_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "coef": "fp32"}),
-            ("backward codes", entropy.entropy_backward_codes_kernel, entropy.BACKWARD_CONFIG,
+            ("backward codes", entropy.entropy_backward_codes_kernel,
+             entropy.BACKWARD_CODES_CONFIG,
              {"w_ptr": "*fp32", "shift_ptr": "*fp32", "gz_ptr": "*fp32", "gs_ptr": "*fp32",
               "n_rows": "i32", "vocab": "i32", "coef": "fp32"}),
         )  # fmt: skip
