@@ -100,7 +100,7 @@ def entropy_forward_kernel(
         total = alpha * total + tl.sum(e, axis=1)
         top = new_top
     log2_total = tl.log2(total)
-    entropy = tl.log(total) - LN2 * t / total
+    entropy = tl.log(total) - t * LN2 / total
     stat = stats_ptr + (rows.to(tl.int64) * groups + g) * 3
     tl.store(stat, top, mask=row_ok)
     tl.store(stat + 1, log2_total, mask=row_ok)
@@ -123,7 +123,7 @@ def _grad_logits(l2, top, log2_total, w, shift, coef):
     """g = coef p (w - shift - ln 2 log2 p) on a (rows, codes) tile."""
     lp2 = (l2 - top[:, None]) - log2_total[:, None]
     p = tl.exp2(lp2)
-    return coef * p * (w[None, :] - shift[:, None] - LN2 * lp2), p
+    return coef * p * (w[None, :] - shift[:, None] - lp2 * LN2), p
 
 
 @triton.jit
@@ -181,7 +181,7 @@ def entropy_backward_rows_kernel(
         g_sum += tl.sum(grad, axis=1)
     dz += g_sum[:, None] * mean[None, :]
     offs = (rows[:, None].to(tl.int64) * groups + g) * D + lanes[None, :]
-    tl.store(grad_chunks_ptr + offs, LN2 * dz, mask=row_ok[:, None] & (lanes[None, :] < D))
+    tl.store(grad_chunks_ptr + offs, dz * LN2, mask=row_ok[:, None] & (lanes[None, :] < D))
 
 
 @triton.jit
