@@ -25,6 +25,14 @@ def _ahead_of_time():
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            "FASTCOMPRESS_AOT=1 builds against the torch already installed, and this build "
+            "environment has none: install torch first and add --no-build-isolation "
+            "(e.g. FASTCOMPRESS_AOT=1 pip install --no-build-isolation .)"
+        ) from exc
     from fastcompress import _build
 
     return _build.setup_extensions()

@@ -72,6 +72,31 @@ def test_requirements_never_name_torch_or_triton():
     assert not names & {"torch", "triton"}, names
 
 
+def test_build_system_is_declared_without_torch():
+    # pyproject.toml makes every pip take PEP 517/660 (pip 23's legacy `setup.py develop`
+    # hands -e to a nested pip that drops --no-build-isolation), and an isolated build must
+    # never resolve a second torch.
+    import tomllib
+
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
+    assert build["build-backend"] == "setuptools.build_meta"
+    assert not [r for r in build["requires"] if r.lower().startswith(("torch", "triton"))]
+
+
+def test_ahead_of_time_build_without_torch_says_what_to_do(tmp_path):
+    # Run setup.py as an isolated build would, in an interpreter where torch cannot import.
+    blocker = tmp_path / "torch"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('no torch in this environment')")
+    env = {**os.environ, "FASTCOMPRESS_AOT": "1", "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "setup.py"), "--name"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "--no-build-isolation" in out.stderr and "torch" in out.stderr, out.stderr
+
+
 def test_install_check_looks_from_outside_the_checkout():
     # Run from the repo root, a plain `import fastcompress` always finds ./fastcompress;
     # the check must see what the environment really has installed.
