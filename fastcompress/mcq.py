@@ -174,6 +174,7 @@ def _mcq_quantize_op(
 @_mcq_quantize_op.register_fake
 def _(z, codebooks, beta, normalize, backend):
     check_op_args(z, codebooks)
+    check_finite_number("beta", beta)
     groups, vocab, _ = codebooks.shape
     return (
         torch.empty_like(z),

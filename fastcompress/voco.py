@@ -321,6 +321,7 @@ register_float32_autocast(_LIB, "voco_attention")
 def _(q, k, v, n_prefix, n_hybrid, n_voco, n_text, hybrid, text_sees_prefix, scale, backend):
     layout = VocoLayout(n_prefix, n_hybrid, n_voco, n_text, hybrid, text_sees_prefix)
     check_voco_args(q, k, v, layout)
+    check_finite_number("scale", scale)
     return q.new_empty(q.shape)
 
 

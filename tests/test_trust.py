@@ -253,6 +253,24 @@ def test_unclear_errors_now_name_the_argument(call, error, match):
         call()
 
 
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: torch.ops.fastcompress.mcq_quantize(
+            torch.randn(4, 16), torch.randn(2, 5, 8), math.nan, True, ""), "beta must be finite"),
+        (lambda: torch.ops.fastcompress.voco_attention(
+            *[torch.randn(1, 2, 7, 8)] * 3, 2, 0, 2, 3, "isolated", False, math.inf, ""),
+         "scale must be finite"),
+    ],
+)  # fmt: skip
+def test_fakes_check_the_float_arguments_too(call, match):
+    # Traced graphs (torch.compile, export) run the fake, not the op: the same error.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), pytest.raises(ValueError, match=match):
+        call()
+
+
 def test_decode_attention_with_an_empty_batch_and_lengths():
     # B = 0 ran min() on an empty tensor.
     out = fc.decode_attention(
