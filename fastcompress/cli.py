@@ -100,7 +100,9 @@ def cmd_bench(args) -> int:
     train = bench.bench_mcq_train(args.config, args.n, device, note)
     tables = [search, train]
     if args.entropy_n > 0:  # UniTok's training loss; the reference's rounds grow with N
-        tables.append(bench.bench_mcq_train(args.config, args.entropy_n, device, note, 0.01))
+        tables.append(
+            bench.bench_mcq_train(args.config, args.entropy_n, device, note, entropy_temp=0.01)
+        )
     results = []
     for table in tables:
         print(bench.format_table(table))

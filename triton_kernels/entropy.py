@@ -40,7 +40,7 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _logits(z_aug, book, k0, vocab, lanes, D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _logits(z, book, k0, vocab, lanes, D: tl.constexpr, BLOCK_K: tl.constexpr):
     """(rows, BLOCK_K) base-2 logits of codes k0.. and the code tile (BLOCK_K, D_PAD,
     its bias lane zeroed). The bias (-|c|^2, the large term of L2 logits) is added after
     the dot: inside it, the products would round at the bias's size."""
@@ -52,7 +52,7 @@ def _logits(z_aug, book, k0, vocab, lanes, D: tl.constexpr, BLOCK_K: tl.constexp
         other=0.0,
     )
     bias = tl.load(book + codes.to(tl.int64) * (D + 1) + D, mask=code_ok, other=PAD_BIAS)
-    return tl.dot(z_aug, tl.trans(c), input_precision="ieee") + bias[None, :], c
+    return tl.dot(z, tl.trans(c), input_precision="ieee") + bias[None, :], c
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def entropy_forward_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     lanes = tl.arange(0, D_PAD)
-    z_aug = _load_rows(chunks_ptr, rows, row_ok, g, groups, lanes, D)
+    z = _load_rows(chunks_ptr, rows, row_ok, g, groups, lanes, D)
     book = book_ptr + g.to(tl.int64) * vocab * (D + 1)
 
     # Online pass: T = sum_k e_k (l2_k - max) rescales with the max like the sum does.
@@ -91,7 +91,7 @@ def entropy_forward_kernel(
     total = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     for k0 in range(0, vocab, BLOCK_K):
-        l2, _ = _logits(z_aug, book, k0, vocab, lanes, D, BLOCK_K)
+        l2, _ = _logits(z, book, k0, vocab, lanes, D, BLOCK_K)
         new_top = tl.maximum(top, tl.max(l2, axis=1))
         alpha = tl.exp2(top - new_top)
         x = l2 - new_top[:, None]
@@ -111,7 +111,7 @@ def entropy_forward_kernel(
     # is exact, max + log2 sum as one number would round at large logits.
     sums = p_sums_ptr + (g.to(tl.int64) * blocks + pid) * vocab
     for k0 in range(0, vocab, BLOCK_K):
-        l2, _ = _logits(z_aug, book, k0, vocab, lanes, D, BLOCK_K)
+        l2, _ = _logits(z, book, k0, vocab, lanes, D, BLOCK_K)
         lp2 = (l2 - top[:, None]) - log2_total[:, None]
         p = tl.where(row_ok[:, None], tl.exp2(lp2), 0.0)
         codes = k0 + tl.arange(0, BLOCK_K)
@@ -149,7 +149,7 @@ def entropy_backward_rows_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     lanes = tl.arange(0, D_PAD)
-    z_aug = _load_rows(chunks_ptr, rows, row_ok, g, groups, lanes, D)
+    z = _load_rows(chunks_ptr, rows, row_ok, g, groups, lanes, D)
     book = book_ptr + g.to(tl.int64) * vocab * (D + 1)
     stat = stats_ptr + (rows.to(tl.int64) * groups + g) * 3
     top = tl.load(stat, mask=row_ok, other=0.0)
@@ -158,7 +158,7 @@ def entropy_backward_rows_kernel(
 
     mixed = tl.zeros((BLOCK_N,), tl.float32)
     for k0 in range(0, vocab, BLOCK_K):
-        l2, _ = _logits(z_aug, book, k0, vocab, lanes, D, BLOCK_K)
+        l2, _ = _logits(z, book, k0, vocab, lanes, D, BLOCK_K)
         codes = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + g * vocab + codes, mask=codes < vocab, other=0.0)
         p = tl.exp2((l2 - top[:, None]) - log2_total[:, None])
@@ -172,12 +172,12 @@ def entropy_backward_rows_kernel(
     dz = tl.zeros((BLOCK_N, D_PAD), tl.float32)
     g_sum = tl.zeros((BLOCK_N,), tl.float32)
     for k0 in range(0, vocab, BLOCK_K):
-        l2, c_aug = _logits(z_aug, book, k0, vocab, lanes, D, BLOCK_K)
+        l2, c = _logits(z, book, k0, vocab, lanes, D, BLOCK_K)
         codes = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + g * vocab + codes, mask=codes < vocab, other=0.0)
         grad, _ = _grad_logits(l2, top, log2_total, w, shift, coef)
         grad = tl.where(row_ok[:, None] & (codes < vocab)[None, :], grad, 0.0)
-        dz += tl.dot(grad, c_aug - mean[None, :], input_precision="ieee")
+        dz += tl.dot(grad, c - mean[None, :], input_precision="ieee")
         g_sum += tl.sum(grad, axis=1)
     dz += g_sum[:, None] * mean[None, :]
     offs = (rows[:, None].to(tl.int64) * groups + g) * D + lanes[None, :]
@@ -215,15 +215,15 @@ def entropy_backward_codes_kernel(
     for r0 in range(0, n_rows, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
-        z_aug = _load_rows(chunks_ptr, rows, row_ok, g, groups, lanes, D)
-        l2, _ = _logits(z_aug, book, k0, vocab, lanes, D, BLOCK_K)
+        z = _load_rows(chunks_ptr, rows, row_ok, g, groups, lanes, D)
+        l2, _ = _logits(z, book, k0, vocab, lanes, D, BLOCK_K)
         stat = stats_ptr + (rows.to(tl.int64) * groups + g) * 3
         top = tl.load(stat, mask=row_ok, other=0.0)
         log2_total = tl.load(stat + 1, mask=row_ok, other=0.0)
         shift = tl.load(shift_ptr + rows.to(tl.int64) * groups + g, mask=row_ok, other=0.0)
         grad, _ = _grad_logits(l2, top, log2_total, w, shift, coef)
         grad = tl.where(row_ok[:, None] & code_ok[None, :], grad, 0.0)
-        gz += tl.dot(tl.trans(grad), z_aug, input_precision="ieee")
+        gz += tl.dot(tl.trans(grad), z, input_precision="ieee")
         gs += tl.sum(grad, axis=0)
     out = gz_ptr + (g.to(tl.int64) * vocab + codes[:, None]) * D + lanes[None, :]
     tl.store(out, gz, mask=code_ok[:, None] & (lanes[None, :] < D))
