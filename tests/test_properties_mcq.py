@@ -210,9 +210,6 @@ def test_mcq_quantize_property(sandbox, op_backend, level):
         if temp is None:
             assert entropy is None
         else:
-            # A second float32 yardstick, another association of the same logits: the
-            # torch reference backend's loss (2 z.c - |c|^2 where the formula has
-            # |z - c|^2). At large L2 logits one float32 sample can be 5x luckier.
             within_torch(entropy, want_entropy, [yardstick[2], reference[2]], torch.float32,
                          scale=max(1.0, abs(float(want_entropy))), target=1e-5)  # fmt: skip
         # An empty batch may leave a gradient unset (None): that is a zero gradient.
@@ -222,8 +219,11 @@ def test_mcq_quantize_property(sandbox, op_backend, level):
         gz = _rows(grads["z"], channel_dim, channels)
         # The gradient into z is two autograd contributions (straight-through + VQ, and
         # the entropy loss), each rounded to z's dtype before they are added.
-        no_entropy = _quantize_oracle(rows, books, flat_idx, beta, normalize, None, weight_rows)
-        parts = no_entropy[4].abs() + (grad_z - no_entropy[4]).abs()
+        parts = grad_z.abs()
+        if temp is not None:
+            no_entropy = _quantize_oracle(rows, books, flat_idx, beta, normalize, None,
+                                          weight_rows)[4]  # fmt: skip
+            parts = no_entropy.abs() + (grad_z - no_entropy).abs()
         # L2 logits with the entropy loss are ill-conditioned in float32 when the codes are
         # far from the origin (|l| of thousands, each rounded to ~1e-3): on one such input
         # the codebook gradient's error was 6e-5 (UniTok's formula), 2.2e-4 (the torch
