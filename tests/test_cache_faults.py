@@ -2,7 +2,6 @@
 truncated library, a cache folder another user controls, a read-only cache. Each runs the
 library in a child process, as a user's next process would meet the fault."""
 
-import hashlib
 import os
 import pathlib
 import shutil
@@ -14,13 +13,13 @@ import textwrap
 import time
 
 import pytest
+from cache_entries import NAME, cache_env, loaded_library, seed
 
 from fastcompress import _cache, _ext
 
 pytestmark = pytest.mark.skipif(
     not _ext.load_cpu_extension(raise_on_error=False), reason="no C++ extension"
 )
-NAME = "fastcompress_cpu_jit.so"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 # The child: load the extension, check the cpu backend against the reference, say where
@@ -35,32 +34,6 @@ got = fc.mcq_search(z, books, normalize=False, backend="cpu")
 assert torch.equal(got, mcq_search_reference(z, books, False))
 print("ORIGIN", _ext.cpu_origin())
 """
-
-
-def _loaded_library() -> pathlib.Path:
-    origin = pathlib.Path(_ext.cpu_origin())  # the AOT library, or the JIT build's folder
-    return origin if origin.is_file() else origin / NAME
-
-
-def _seed(cache: pathlib.Path, library: pathlib.Path | None = None) -> pathlib.Path:
-    """A complete cache entry (library + checksum) for this process's build key."""
-    folder = cache / f"cpu-{_ext.jit_key()}"
-    folder.mkdir(parents=True, mode=0o700)
-    shutil.copyfile(library or _loaded_library(), folder / NAME)
-    digest = hashlib.sha256((folder / NAME).read_bytes()).hexdigest()
-    (folder / (NAME + ".sha256")).write_text(f"{digest}  {NAME}\n")
-    for path in (cache, folder):
-        path.chmod(0o700)
-    return folder
-
-
-def _env(cache: pathlib.Path, fallback: pathlib.Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FASTCOMPRESS_CACHE_DIR": str(cache),
-        "XDG_CACHE_HOME": str(fallback),  # the fallback folder (its fastcompress/ inside)
-        "FASTCOMPRESS_IGNORE_AOT": "1",  # the cache, even in CI's AOT stage
-    }
 
 
 def _child(env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -84,8 +57,8 @@ def folders(tmp_path):
 
 def test_a_complete_cache_entry_loads_without_building(folders):
     cache, fallback = folders
-    _seed(cache)
-    out = _child(_env(cache, fallback))
+    seed(cache)
+    out = _child(cache_env(cache, fallback))
     assert _origin(out).startswith(str(cache)) and "building" not in out.stderr
 
 
@@ -95,11 +68,11 @@ def test_a_truncated_library_is_rebuilt_and_a_killed_rebuild_does_not_wedge_the_
     # every later process waited on it for ever. Now: the checksum refuses the copy, the
     # rebuild runs in a private folder, and after a SIGKILL the next process builds anew.
     cache, fallback = folders
-    folder = _seed(cache)
+    folder = seed(cache)
     library = folder / NAME
     library.write_bytes(library.read_bytes()[: library.stat().st_size // 3])
     first = subprocess.Popen(
-        [sys.executable, "-c", CHILD], env=_env(cache, fallback),
+        [sys.executable, "-c", CHILD], env=cache_env(cache, fallback),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     said = []
@@ -116,7 +89,7 @@ def test_a_truncated_library_is_rebuilt_and_a_killed_rebuild_does_not_wedge_the_
     leftovers = list(cache.glob(".build-cpu-*"))
     assert leftovers, "the killed build should have left its private folder"
     start = time.monotonic()
-    out = _child(_env(cache, fallback), timeout=900)
+    out = _child(cache_env(cache, fallback), timeout=900)
     assert _origin(out) == str(folder), out.stderr[-2000:]
     assert "built in" in out.stderr
     assert time.monotonic() - start < 600
@@ -187,7 +160,7 @@ def test_a_live_builder_is_waited_for_at_most_the_timeout(tmp_path, monkeypatch)
 
 
 def test_truncated_and_altered_libraries_are_not_verified(tmp_path):
-    folder = _seed(tmp_path / "cache")
+    folder = seed(tmp_path / "cache")
     assert _cache.verified_library(folder, NAME) == folder / NAME
     data = (folder / NAME).read_bytes()
     (folder / NAME).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit: checksum
@@ -195,7 +168,7 @@ def test_truncated_and_altered_libraries_are_not_verified(tmp_path):
         assert _cache.verified_library(folder, NAME) is None
     (folder / NAME).write_bytes(data[: len(data) // 2])
     assert "truncated" in _cache.elf_truncation(folder / NAME)
-    assert _cache.elf_truncation(_loaded_library()) is None
+    assert _cache.elf_truncation(loaded_library()) is None
 
 
 @pytest.mark.parametrize("how", ["other-owner", "group-writable", "world-writable"])
@@ -207,14 +180,14 @@ def test_a_cache_folder_others_control_is_refused(folders, tmp_path, how):
         pytest.skip("chown to another user needs root (CI runs as root)")
     cache, fallback = folders
     marker = tmp_path / "planted-ran"
-    _seed(cache, _tiny_library(tmp_path, marker))
-    _seed(fallback / "fastcompress")
+    seed(cache, _tiny_library(tmp_path, marker))
+    seed(fallback / "fastcompress")
     if how == "other-owner":
         for path in (cache, *cache.rglob("*")):
             os.chown(path, 12345, 12345)
     else:
         cache.chmod(0o770 if how == "group-writable" else 0o777)
-    out = _child(_env(cache, fallback))
+    out = _child(cache_env(cache, fallback))
     assert not marker.exists(), "the planted library was loaded"
     assert "not using the cache folder" in out.stderr
     assert _origin(out).startswith(str(fallback / "fastcompress"))
@@ -236,7 +209,7 @@ def test_a_read_only_cache_with_a_complete_build_is_used(folders):
     # Loading needs no lock: a read-only cache (a shared image, a read-only mount) that
     # holds a complete build is used as it is, not silently replaced by the reference.
     cache, fallback = folders
-    _seed(cache)
+    seed(cache)
     mounted = None
     if IS_ROOT:  # root writes through permissions: a read-only bind mount
         mounted = pathlib.Path(tempfile.mkdtemp(prefix="fastcompress-ro-"))
@@ -255,7 +228,7 @@ def test_a_read_only_cache_with_a_complete_build_is_used(folders):
     try:
         with pytest.raises(OSError):
             (read_only / "probe").write_text("x")
-        out = _child(_env(read_only, fallback))
+        out = _child(cache_env(read_only, fallback))
         assert _origin(out).startswith(str(read_only)), out.stderr[-2000:]
         assert "not writable" not in out.stderr and "building" not in out.stderr
     finally:

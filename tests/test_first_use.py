@@ -4,16 +4,15 @@ whether it built or loaded; a failed build warns once and the library still answ
 tensor gets the channel_dim hint; the benchmark names noisy rounds, a loaded machine and
 missing extras; the demo explains its yardstick."""
 
-import hashlib
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import types
 
 import pytest
 import torch
+from cache_entries import cache_env, seed
 
 import fastcompress as fc
 from fastcompress import _ext, bench, cli
@@ -22,7 +21,6 @@ from fastcompress.pipeline import StackConfig
 from fastcompress.reference import mcq_search_reference
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-NAME = "fastcompress_cpu_jit.so"
 
 
 def _fastcompress(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
@@ -35,26 +33,14 @@ def _fastcompress(*args: str, env: dict[str, str] | None = None, timeout: float 
 def _private_cache(tmp_path: pathlib.Path) -> dict[str, str]:
     tmp_path.chmod(0o700)
     (tmp_path / "xdg").mkdir(mode=0o700)
-    return {
-        **os.environ,
-        "FASTCOMPRESS_CACHE_DIR": str(tmp_path / "cache"),
-        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
-        "FASTCOMPRESS_IGNORE_AOT": "1",
-    }
+    return cache_env(tmp_path / "cache", tmp_path / "xdg")
 
 
 def test_build_says_it_loaded_a_cached_library(tmp_path):
     if not _ext.load_cpu_extension(raise_on_error=False):
         pytest.skip("no C++ extension")
     env = _private_cache(tmp_path)
-    origin = pathlib.Path(_ext.cpu_origin())
-    library = origin if origin.is_file() else origin / NAME
-    folder = pathlib.Path(env["FASTCOMPRESS_CACHE_DIR"]) / f"cpu-{_ext.jit_key()}"
-    folder.mkdir(parents=True, mode=0o700)
-    folder.parent.chmod(0o700)
-    shutil.copyfile(library, folder / NAME)
-    digest = hashlib.sha256((folder / NAME).read_bytes()).hexdigest()
-    (folder / (NAME + ".sha256")).write_text(f"{digest}  {NAME}\n")
+    folder = seed(pathlib.Path(env["FASTCOMPRESS_CACHE_DIR"]))
     out = _fastcompress("build", env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "C++ CPU extension loaded (already built)" in out.stdout, out.stdout
